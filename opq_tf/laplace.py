@@ -1,0 +1,173 @@
+"""The Laplace error model behind OPQ's one-shot allocation (method doc, B.1-B.4).
+
+A layer's weights are modelled as zero-mean Laplace with scale b = mean|w|. Its
+weights are pruned below a magnitude threshold t and the rest are quantized to
+a symmetric grid of step Δ with K = 2^(B-1) - 1 levels each side:
+
+    ŵ = 0                                 if |w| < t
+    ŵ = Δ · clip(round(w / Δ), -K, K)     otherwise
+
+Everything scales with b: e(t, Δ; b) = b² · e(t/b, Δ/b; 1). So the whole model
+reduces to the *unit problem* on u = |w|/b ~ Exp(1), which this module solves
+once per bit-width; every layer then reads its answer off the unit table.
+
+Closed form. With G(u; m) = -e^{-u} ((u-m)² + 2(u-m) + 2), an antiderivative of
+(u-m)² e^{-u},
+
+    e(t, Δ) = ∫_0^t u² e^{-u} du + Σ_{k=0..K} ∫_{bin k ∩ [t, ∞)} (u - kΔ)² e^{-u} du
+
+where bin k = [(k-½)Δ, (k+½)Δ) and the last bin K extends to infinity (clipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+_MIN_BITS, _MAX_BITS = 2, 8
+_UNIT_THRESHOLDS = np.linspace(0.0, 12.0, 3001)  # P(|w|<t) up to 1 - 6e-6
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def levels(bits: int) -> int:
+  """K, the number of nonzero grid levels on each side of zero."""
+  return 2 ** (bits - 1) - 1
+
+
+def _antiderivative(u: np.ndarray, centre: np.ndarray) -> np.ndarray:
+  d = u - centre
+  return -np.exp(-u) * (d * d + 2.0 * d + 2.0)
+
+
+def unit_error(threshold, step, bits: int) -> np.ndarray:
+  """E[(u - û)²] for u = |w|/b ~ Exp(1); broadcasts `threshold` and `step`.
+
+  Args:
+    threshold: pruning threshold t/b (>= 0).
+    step: quantization step Δ/b (> 0).
+    bits: B in 2..8.
+
+  Returns:
+    The expected squared error per weight, in units of b².
+  """
+  threshold = np.asarray(threshold, dtype=np.float64)[..., None]
+  step = np.asarray(step, dtype=np.float64)[..., None]
+  k = np.arange(levels(bits) + 1, dtype=np.float64)
+  centre = k * step
+  lower = np.maximum((k - 0.5) * step, threshold)
+  last = k == k[-1]
+  upper = np.maximum(np.where(last, 0.0, (k + 0.5) * step), lower)
+  upper_term = np.where(last, 0.0, _antiderivative(upper, centre))
+  kept = np.sum(upper_term - _antiderivative(lower, centre), axis=-1)
+  t = threshold[..., 0]
+  pruned = 2.0 - np.exp(-t) * (t * t + 2.0 * t + 2.0)
+  return pruned + kept
+
+
+def unit_pruned_fraction(threshold) -> np.ndarray:
+  """P(|w| < t) under the Laplace model, with t in units of b."""
+  return -np.expm1(-np.asarray(threshold, dtype=np.float64))
+
+
+def minimise_step(error_fn, lower, upper, iterations: int = 48) -> np.ndarray:
+  """Vectorised golden-section search of log(step) in [lower, upper].
+
+  `error_fn(step)` maps an array of steps to an array of errors of the same
+  shape (one independent 1-D problem per element). A coarse log grid first
+  brackets the global minimum, so a second local minimum cannot trap the search.
+  """
+  lower = np.broadcast_to(np.asarray(lower, dtype=np.float64), np.shape(lower))
+  upper = np.broadcast_to(np.asarray(upper, dtype=np.float64), np.shape(upper))
+  grid = np.linspace(0.0, 1.0, 33)
+  log_lo, log_hi = np.log(lower), np.log(upper)
+  candidates = log_lo[..., None] + grid * (log_hi - log_lo)[..., None]
+  errors = np.stack(
+      [error_fn(np.exp(candidates[..., i])) for i in range(grid.size)], -1)
+  best = np.argmin(errors, axis=-1)
+  a = np.take_along_axis(candidates, np.maximum(best - 1, 0)[..., None], -1)[..., 0]
+  b = np.take_along_axis(
+      candidates, np.minimum(best + 1, grid.size - 1)[..., None], -1)[..., 0]
+  c = b - _GOLDEN * (b - a)
+  d = a + _GOLDEN * (b - a)
+  error_c, error_d = error_fn(np.exp(c)), error_fn(np.exp(d))
+  for _ in range(iterations):
+    left = error_c < error_d
+    b = np.where(left, d, b)
+    a = np.where(left, a, c)
+    probe = np.where(left, b - _GOLDEN * (b - a), a + _GOLDEN * (b - a))
+    error_probe = error_fn(np.exp(probe))
+    c, d = np.where(left, probe, d), np.where(left, c, probe)
+    error_c, error_d = (np.where(left, error_probe, error_d),
+                        np.where(left, error_c, error_probe))
+  return np.exp((a + b) / 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitTable:
+  """The unit problem's solution for one bit-width, indexed by the multiplier.
+
+  For a layer of scale b and global Lagrange multiplier μ, the layer solves
+  min_t' E(t') - λ·P(t') with λ = μ / b², E(t') = min_Δ' e(t', Δ'). The
+  optimal t' for every λ lies on the lower convex hull of (P, E); `multipliers`
+  are the hull's mid-slopes, increasing, and `thresholds`/`steps` the matching
+  unit threshold and step, so a layer's answer is one interpolation.
+  """
+
+  bits: int
+  multipliers: np.ndarray
+  thresholds: np.ndarray
+  steps: np.ndarray
+
+  def solve(self, multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit (threshold, step) minimising e - λ·P, interpolated in log λ."""
+    log_multiplier = np.log(np.maximum(multiplier, 1e-300))
+    log_table = np.log(self.multipliers)
+    threshold = np.interp(log_multiplier, log_table, self.thresholds)
+    step = np.interp(log_multiplier, log_table, self.steps)
+    return threshold, step
+
+
+def optimal_unit_step(threshold, bits: int) -> np.ndarray:
+  """argmin_Δ' e(t', Δ') for each unit threshold t'."""
+  threshold = np.asarray(threshold, dtype=np.float64)
+  # The grid must reach past the threshold (ternary B=2 puts Δ near t) and down
+  # to fine 8-bit steps; the range is in units of b.
+  lower = np.full_like(threshold, 1e-3)
+  upper = np.maximum(threshold, 1.0) * 4.0 + 4.0
+  return minimise_step(lambda s: unit_error(threshold, s, bits), lower, upper)
+
+
+@functools.lru_cache(maxsize=None)
+def unit_table(bits: int) -> UnitTable:
+  """Solves the unit problem for `bits` once per process (tens of ms)."""
+  if not _MIN_BITS <= bits <= _MAX_BITS:
+    raise ValueError(f"bits must be in {_MIN_BITS}..{_MAX_BITS}, got {bits}.")
+  thresholds = _UNIT_THRESHOLDS
+  steps = optimal_unit_step(thresholds, bits)
+  errors = unit_error(thresholds, steps, bits)
+  pruned = unit_pruned_fraction(thresholds)
+  hull = _lower_convex_hull(pruned, errors)
+  slopes = np.diff(errors[hull]) / np.diff(pruned[hull])
+  # Vertex j is optimal for λ between the slopes on either side of it.
+  slopes = np.maximum.accumulate(np.maximum(slopes, 1e-12))
+  inner = np.sqrt(slopes[:-1] * slopes[1:])
+  multipliers = np.concatenate([[slopes[0] / 2.0], inner, [slopes[-1] * 2.0]])
+  multipliers = np.maximum.accumulate(multipliers)
+  multipliers = multipliers + np.arange(multipliers.size) * 1e-15
+  return UnitTable(bits, multipliers, thresholds[hull], steps[hull])
+
+
+def _lower_convex_hull(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Indices of the lower convex hull of points sorted by increasing x."""
+  hull: list[int] = []
+  for i in range(x.size):
+    while len(hull) >= 2:
+      i0, i1 = hull[-2], hull[-1]
+      cross = (x[i1] - x[i0]) * (y[i] - y[i0]) - (y[i1] - y[i0]) * (x[i] - x[i0])
+      if cross > 0:
+        break
+      hull.pop()
+    hull.append(i)
+  return np.asarray(hull)
