@@ -360,7 +360,7 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float) -> list[float]:
   """Thresholds on the Lagrangian optimum whose realised global rate is p.
 
   Every t_i(μ) = b_i · t'(μ / b_i²) is non-decreasing in μ, so the realised
-  pruned count is too, and a bisection on log μ meets the target count.
+  pruned count is too, and a 1-D search on log μ meets the target count.
   """
   tables = [laplace.unit_table(k.bits) for k in kernels]
   scales = np.array([k.scale for k in kernels])
@@ -377,22 +377,49 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float) -> list[float]:
   def pruned_at(log_mu: float) -> int:
     return sum(k.pruned_count(t) for k, t in zip(kernels, thresholds_at(log_mu)))
 
+  # The Laplace model's own answer is a close first guess: solve it (cheap,
+  # no data), then correct on the realised counts by regula falsi in log μ.
+  sizes = np.array([k.size for k in kernels], dtype=np.float64)
+
+  def modelled_pruned_at(log_mu: float) -> float:
+    unit_thresholds = [
+        float(table.solve(np.exp(log_mu) / scale**2)[0])
+        for table, scale in zip(tables, scales)
+    ]
+    return float(sizes @ laplace.unit_pruned_fraction(unit_thresholds))
+
   low = min(math.log(t.multipliers[0] * s**2) for t, s in zip(tables, scales))
   high = max(math.log(t.multipliers[-1] * s**2) for t, s in zip(tables, scales))
   low, high = low - 1.0, high + 1.0
-  tolerance = max(1, total // 20000)  # 0.005% of the weights
-  best_log_mu, best_gap = low, abs(pruned_at(low) - target)
-  for _ in range(100):
+  for _ in range(60):
     middle = (low + high) / 2.0
-    pruned = pruned_at(middle)
-    if abs(pruned - target) < best_gap:
-      best_log_mu, best_gap = middle, abs(pruned - target)
-    if best_gap <= tolerance:
+    low, high = ((middle, high) if modelled_pruned_at(middle) < target
+                 else (low, middle))
+  guess = (low + high) / 2.0
+
+  tolerance = max(1, total // 20000)  # 0.005% of the weights
+  low, high = guess - 0.25, guess + 0.25
+  gap_low, gap_high = pruned_at(low) - target, pruned_at(high) - target
+  while gap_low > 0 and low > guess - 64:
+    low -= 2.0 * (guess - low)
+    gap_low = pruned_at(low) - target
+  while gap_high < 0 and high < guess + 64:
+    high += 2.0 * (high - guess)
+    gap_high = pruned_at(high) - target
+  best_log_mu, best_gap = (low, gap_low) if -gap_low < gap_high else (high, gap_high)
+  for iteration in range(100):
+    if abs(best_gap) <= tolerance or gap_high == gap_low:
       break
-    if pruned < target:
-      low = middle
+    # Alternate interpolation (fast on smooth counts) with bisection (safe).
+    middle = (low - gap_low * (high - low) / (gap_high - gap_low)
+              if iteration % 2 == 0 else (low + high) / 2.0)
+    gap = pruned_at(middle) - target
+    if abs(gap) < abs(best_gap):
+      best_log_mu, best_gap = middle, gap
+    if gap < 0:
+      low, gap_low = middle, gap
     else:
-      high = middle
+      high, gap_high = middle, gap
   return thresholds_at(best_log_mu)
 
 
@@ -415,7 +442,8 @@ def _plan_layer(kernel: _Kernel, threshold: float, step_stats: str) -> LayerPlan
       return np.sum(live**2 * errors, axis=-1)
 
     step = float(laplace.minimise_step(
-        channel_error, layer_step / 8.0, layer_step * 8.0))
+        _grouped_channel_error(live, threshold, bits),
+        layer_step / 8.0, layer_step * 8.0))
     modelled_error = float(channel_error(step)) / channel_scales.size
     modelled_pruned = float(
         (np.sum(laplace.unit_pruned_fraction(threshold / live))
@@ -436,3 +464,29 @@ def _plan_layer(kernel: _Kernel, threshold: float, step_stats: str) -> LayerPlan
       modelled_error=modelled_error,
       kept=kernel.size - pruned,
   )
+
+
+def _grouped_channel_error(scales: np.ndarray, threshold: float, bits: int):
+  """Σ_j b_j² e(t/b_j, Δ/b_j) as a function of Δ, with channels grouped.
+
+  The per-channel error is smooth in b_j, so channels whose scales agree to
+  within ~1% are summed as one group of their count: wide layers (2048
+  channels) then cost as little as narrow ones, and the optimal step moves by
+  far less than the search's own tolerance.
+  """
+  log_scales = np.log(scales)
+  edges = np.linspace(log_scales.min(), log_scales.max() + 1e-9,
+                      min(scales.size, 1 + int(np.ptp(log_scales) / 0.01)) + 1)
+  group = np.clip(np.searchsorted(edges, log_scales, side="right") - 1, 0,
+                  edges.size - 2)
+  counts = np.bincount(group, minlength=edges.size - 1)
+  sums = np.bincount(group, weights=log_scales, minlength=edges.size - 1)
+  used = counts > 0
+  counts, group_scales = counts[used], np.exp(sums[used] / counts[used])
+
+  def error(step: np.ndarray) -> np.ndarray:
+    step = np.asarray(step, dtype=np.float64)[..., None]
+    errors = laplace.unit_error(threshold / group_scales, step / group_scales, bits)
+    return np.sum(counts * group_scales**2 * errors, axis=-1)
+
+  return error
