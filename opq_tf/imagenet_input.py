@@ -1,0 +1,496 @@
+"""ImageNet (TFDS `imagenet2012`) tf.data pipelines for tf.distribute.
+
+The data comes from the real TFDS builder, prepared offline from a manual_dir
+that holds the ILSVRC-2012 tars (TFDS's manual-download contract):
+
+    <manual_dir>/ILSVRC2012_img_train.tar   one tar per synset inside
+                                            (n01440764.tar, ...), each holding
+                                            JPEGs such as n01440764_10026.JPEG
+    <manual_dir>/ILSVRC2012_img_val.tar     ILSVRC2012_val_00000001.JPEG ...
+                                            ILSVRC2012_val_00050000.JPEG
+    <manual_dir>/ILSVRC2012_img_test.tar    optional, unlabelled, not used here
+
+`python -m opq_tf.digits_imagenet --manual_dir=DIR` writes a small stand-in of
+that layout from scikit-learn's bundled digits (labels 0..9).
+
+    builder = prepare(data_dir, manual_dir)        # once; later calls: no-op
+    dataset_fn = make_dataset_fn(split="train", data_dir=data_dir,
+                                 image_size=224, global_batch_size=256,
+                                 train=True)
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+
+Elements are (image float32 [B, S, S, 3] RGB in [0, 255], label int32 [B]),
+B = the per-replica batch; models normalise their inputs themselves.
+
+Validation labels. TFDS labels the validation split by zipping the *sorted*
+member names of the val tar with the lines of its validation_labels.txt; that
+matches the ILSVRC2012_val_<k> index only when the tar holds all 50 000 images.
+This module instead labels each validation image by its index k, i.e. line k of
+the same file, which is identical for the full tar and also correct for a
+subset such as the digits stand-in (whose TFDS-stored validation labels are
+therefore wrong and must not be read directly).
+
+Labels >= num_classes are an error, not filtered: iterating such a pipeline
+raises InvalidArgumentError naming num_classes.
+"""
+
+import os
+import re
+import tarfile
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from opq_tf._keras import tf
+
+DATASET_NAME = "imagenet2012"
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+TEST_TAR = "ILSVRC2012_img_test.tar"
+
+# The standard ImageNet eval crop: a 224 crop of a 256 resize (crop_padding=32
+# at 224). For other sizes the padding scales with the image (32 * S / 224), so
+# the central fraction stays 224 / 256 instead of swallowing small images.
+CROP_PADDING = 32
+CROP_FRACTION = 224.0 / (224.0 + CROP_PADDING)
+
+_SYNSET_TAR = re.compile(r"n\d{8}\.tar")
+_VAL_JPEG = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
+_VAL_INDEX_START = len("ILSVRC2012_val_")
+
+
+def _instructions(manual_dir: str) -> str:
+  return (
+      f"Put the ILSVRC-2012 archives (https://image-net.org/download-images) "
+      f"unchanged in {manual_dir}:\n"
+      f"  {os.path.join(manual_dir, TRAIN_TAR)}  (one tar per synset inside: "
+      "n01440764.tar, n01443537.tar, ...)\n"
+      f"  {os.path.join(manual_dir, VAL_TAR)}  (ILSVRC2012_val_00000001.JPEG "
+      "... ILSVRC2012_val_00050000.JPEG)\n"
+      f"  ({TEST_TAR} is optional and unused.)\n"
+      "Or build the small embedded stand-in from scikit-learn's digits:\n"
+      f"  python -m opq_tf.digits_imagenet --manual_dir={manual_dir}"
+  )
+
+
+def _manual_dir_error(manual_dir: str, problem: str) -> ValueError:
+  return ValueError(
+      f"ImageNet manual_dir {manual_dir!r} is not usable: {problem}.\n"
+      + _instructions(manual_dir)
+  )
+
+
+def _member_names(path: str, limit: Optional[int]) -> list[str]:
+  """Names of the first `limit` members (all if None) of an uncompressed tar."""
+  names = []
+  with tf.io.gfile.GFile(path, "rb") as f:
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+      while limit is None or len(names) < limit:
+        member = tar.next()
+        if member is None:
+          break
+        if member.isfile():
+          names.append(member.name)
+  return names
+
+
+def check_manual_dir(manual_dir: str) -> None:
+  """Raises ValueError unless `manual_dir` holds usable ILSVRC-2012 tars.
+
+  Checked before any preparation or training: the directory exists; the train
+  and val tars exist, are uncompressed tar archives and are not empty; every
+  member of the train tar is a per-synset tar of one of the 1000 synsets; the
+  first members of the val tar are ILSVRC2012_val_XXXXXXXX.JPEG files. Only
+  tar headers are read (the train tar has ~1000 members), not the images.
+  """
+  manual_dir = os.fspath(manual_dir)
+  if not tf.io.gfile.isdir(manual_dir):
+    raise _manual_dir_error(manual_dir, "the directory does not exist")
+  for name in (TRAIN_TAR, VAL_TAR):
+    path = os.path.join(manual_dir, name)
+    if not tf.io.gfile.exists(path):
+      raise _manual_dir_error(manual_dir, f"{name} is missing")
+    if tf.io.gfile.isdir(path):
+      raise _manual_dir_error(manual_dir, f"{name} is a directory, not a file")
+    try:
+      names = _member_names(path, limit=None if name == TRAIN_TAR else 100)
+    except tarfile.TarError as e:
+      raise _manual_dir_error(
+          manual_dir, f"{name} is not an uncompressed tar archive ({e})"
+      ) from e
+    if not names:
+      raise _manual_dir_error(manual_dir, f"{name} is an empty tar archive")
+    pattern, expected = (
+        (_SYNSET_TAR, "one tar per synset (n01440764.tar, ...)")
+        if name == TRAIN_TAR
+        else (_VAL_JPEG, "ILSVRC2012_val_XXXXXXXX.JPEG images")
+    )
+    wrong = [n for n in names if not pattern.fullmatch(n)]
+    if wrong:
+      raise _manual_dir_error(
+          manual_dir,
+          f"{name} holds {wrong[0]!r} ({len(wrong)} such members) where "
+          f"{expected} are expected",
+      )
+    if name == TRAIN_TAR:
+      synsets = set(_label_names())
+      unknown = sorted(n[:-4] for n in names if n[:-4] not in synsets)
+      if unknown:
+        raise _manual_dir_error(
+            manual_dir,
+            f"{name} holds {unknown[0]}.tar, which is not one of the 1000 "
+            "ILSVRC-2012 synsets of TFDS's labels.txt",
+        )
+
+
+def _label_names() -> list[str]:
+  path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
+  with tf.io.gfile.GFile(os.fspath(path)) as f:
+    return f.read().split()
+
+
+def validation_label_table() -> np.ndarray:
+  """int32 [50000]: label of ILSVRC2012_val_{k:08d}.JPEG at position k - 1."""
+  index = {synset: i for i, synset in enumerate(_label_names())}
+  path = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
+  with tf.io.gfile.GFile(os.fspath(path)) as f:
+    return np.array([index[s] for s in f.read().split()], np.int32)
+
+
+def _builder(data_dir: str) -> tfds.core.DatasetBuilder:
+  return tfds.builder(DATASET_NAME, data_dir=os.fspath(data_dir))
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # Checking existence first avoids TFDS's warning about a missing variant dir.
+  return builder.data_path.exists() and builder.is_prepared()
+
+
+def _prepared_builder(data_dir: str) -> tfds.core.DatasetBuilder:
+  builder = _builder(data_dir)
+  if not _is_prepared(builder):
+    raise ValueError(
+        f"TFDS {DATASET_NAME} is not prepared under data_dir {data_dir!r}. "
+        "Run opq_tf.imagenet_input.prepare(data_dir, manual_dir) first."
+    )
+  return builder
+
+
+def prepare(
+    data_dir: str,
+    manual_dir: Optional[str] = None,
+    *,
+    num_shards: Optional[int] = None,
+) -> tfds.core.DatasetBuilder:
+  """Prepares TFDS imagenet2012 under `data_dir` from `manual_dir`, offline.
+
+  Runs the real builder's download_and_prepare with the manual_dir; nothing is
+  downloaded (GCS is not tried). If the dataset is already prepared under
+  `data_dir` this is a no-op (manual_dir is then not read, and not needed),
+  so a changed manual_dir needs a fresh data_dir.
+
+  Args:
+    data_dir: TFDS data_dir; the records go to data_dir/imagenet2012/5.1.0 and
+      TFDS's scratch directory to data_dir/downloads.
+    manual_dir: directory with the ILSVRC-2012 tars (see `check_manual_dir`).
+    num_shards: record files per split; None lets TFDS choose (1 for a small
+      dataset). File-level sharding needs at least one file per input pipeline
+      (worker), so multi-worker runs on a small dataset need num_shards >=
+      the number of workers.
+
+  Returns:
+    The prepared builder.
+  """
+  builder = _builder(data_dir)
+  if _is_prepared(builder):
+    return builder
+  if manual_dir is None:
+    raise ValueError(
+        f"TFDS {DATASET_NAME} is not prepared under {data_dir!r} and no "
+        "manual_dir was given. " + _instructions("<manual_dir>")
+    )
+  check_manual_dir(manual_dir)
+  try:
+    # pylint: disable-next=g-import-not-at-top,unused-import
+    import importlib_resources  # noqa: F401
+  except ImportError as e:
+    raise ImportError(
+        "tensorflow-datasets 4.9.x needs the `importlib_resources` package in "
+        "download_and_prepare even on Python >= 3.9; install it (it is in "
+        "requirements.txt): pip install importlib_resources"
+    ) from e
+  builder.download_and_prepare(
+      download_dir=os.path.join(os.fspath(data_dir), "downloads"),
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(manual_dir),
+          try_download_gcs=False,
+          num_shards=num_shards,
+      ),
+  )
+  return builder
+
+
+def num_examples(data_dir: str, split: str) -> int:
+  """Examples in `split` (any TFDS split string, e.g. 'train[:10%]')."""
+  return int(_prepared_builder(data_dir).info.splits[split].num_examples)
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """[H, W, 3] or [N, H, W, 3] -> float32 [.., S, S, 3] (bilinear), 0..255."""
+  return tf.image.resize(image, [image_size, image_size], method="bilinear")
+
+
+def _center_crop_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+  """[offset_y, offset_x, crop, crop], crop = int(CROP_FRACTION * min(H, W))."""
+  crop = tf.cast(
+      CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32), tf.int32
+  )
+  top, left = (height - crop + 1) // 2, (width - crop + 1) // 2
+  return tf.stack([top, left, crop, crop])
+
+
+def _preprocess_one_for_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  if image.dtype == tf.string:
+    shape = tf.image.extract_jpeg_shape(image)
+    window = _center_crop_window(shape[0], shape[1])
+    cropped = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+  else:
+    shape = tf.shape(image)
+    window = _center_crop_window(shape[0], shape[1])
+    cropped = image[
+        window[0] : window[0] + window[2], window[1] : window[1] + window[3]
+    ]
+  return _resize(cropped, image_size)
+
+
+def preprocess_for_eval(
+    image_bytes_or_uint8: tf.Tensor, image_size: int
+) -> tf.Tensor:
+  """The eval preprocessing, shared by the eval pipeline and serving.
+
+  Central crop of side int(CROP_FRACTION * min(H, W)) (CROP_FRACTION = 224/256,
+  the crop_padding=32 crop scaled to any size), fused with JPEG decoding when
+  given bytes, then a bilinear resize to image_size x image_size.
+
+  Args:
+    image_bytes_or_uint8: a JPEG as a string scalar or a [N] string batch, or
+      decoded RGB uint8 [H, W, 3] or [N, H, W, 3].
+    image_size: output side S.
+
+  Returns:
+    float32 [S, S, 3] or [N, S, S, 3], RGB in [0, 255].
+  """
+  image = tf.convert_to_tensor(image_bytes_or_uint8)
+  single_rank = 0 if image.dtype == tf.string else 3
+  if image.shape.rank == single_rank:
+    return _preprocess_one_for_eval(image, image_size)
+  if image.shape.rank == single_rank + 1:
+    return tf.map_fn(
+        lambda one: _preprocess_one_for_eval(one, image_size),
+        image,
+        fn_output_signature=tf.TensorSpec(
+            [image_size, image_size, 3], tf.float32
+        ),
+    )
+  raise ValueError(
+      f"preprocess_for_eval takes JPEG bytes of rank 0 or 1 or uint8 images of "
+      f"rank 3 or 4, got {image.dtype.name} of shape {image.shape}; pass one "
+      "image or a batch of them."
+  )
+
+
+def _decode_and_random_crop(
+    image_bytes: tf.Tensor, seed: tf.Tensor
+) -> tf.Tensor:
+  """Inception-style random crop decoded in one op (decode_and_crop_jpeg).
+
+  The window covers 8%..100% of the area with aspect ratio 3/4..4/3 (the
+  whole image when 10 attempts all fail).
+  """
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.image.extract_jpeg_shape(image_bytes),
+      bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=seed,
+      min_object_covered=0.1,
+      aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+      area_range=(0.08, 1.0),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+  )
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+
+def _split_base_names(split: str) -> set[str]:
+  return set(re.findall(r"([A-Za-z_]+)(?:\[[^\]]*\])?", split))
+
+
+def _labelled(
+    example: dict, val_labels: tf.Tensor, num_classes: int
+) -> tf.Tensor:
+  """int32 label: the validation index lookup for val files, else TFDS's."""
+  file_name = example["file_name"]
+  label = tf.cond(
+      tf.strings.regex_full_match(file_name, _VAL_JPEG.pattern),
+      lambda: tf.gather(
+          val_labels,
+          tf.strings.to_number(
+              tf.strings.substr(file_name, _VAL_INDEX_START, 8), tf.int32
+          )
+          - 1,
+      ),
+      lambda: tf.cast(example["label"], tf.int32),
+  )
+  checks = [
+      tf.debugging.assert_non_negative(
+          label, message="ImageNet label < 0 (the unlabelled test split?)"
+      ),
+      tf.debugging.assert_less(
+          label,
+          tf.constant(num_classes, tf.int32),
+          message=(
+              f"ImageNet label >= num_classes={num_classes}; pass the "
+              "dataset's number of classes (1000 for ILSVRC-2012, 10 for the "
+              "digits stand-in) as num_classes"
+          ),
+      ),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.identity(label)
+
+
+def _examples(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    input_context: tf.distribute.InputContext,
+    *,
+    train: bool,
+    seed: Optional[int],
+    num_classes: int,
+    options: tf.data.Options,
+) -> tf.data.Dataset:
+  """This pipeline's file shard of `split`: dicts of JPEG bytes and labels."""
+  files = len(builder.info.splits[split].file_instructions)
+  if files < input_context.num_input_pipelines:
+    raise ValueError(
+        f"Split {split!r} has {files} record file(s) but there are "
+        f"{input_context.num_input_pipelines} input pipelines; file-level "
+        "sharding needs one file per pipeline at least. Prepare into a fresh "
+        "data_dir with prepare(..., num_shards=<number of workers or more>)."
+    )
+  read_config = tfds.ReadConfig(
+      input_context=input_context,
+      shuffle_seed=seed,
+      options=options,
+      try_autocache=False,
+      skip_prefetch=True,
+  )
+  dataset = builder.as_dataset(
+      split=split,
+      shuffle_files=train,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=read_config,
+  )
+  val_labels = tf.constant(validation_label_table())
+  return dataset.map(
+      lambda example: {
+          "image": example["image"],
+          "label": _labelled(example, val_labels, num_classes),
+          "file_name": example["file_name"],
+      },
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
+
+
+def make_dataset_fn(
+    *,
+    split: str,
+    data_dir: str,
+    image_size: int,
+    global_batch_size: int,
+    train: bool,
+    num_classes: int = 1000,
+    shuffle_buffer: int = 10_000,
+    seed: Optional[int] = None,
+    cache: bool = False,
+) -> Callable[[Optional[tf.distribute.InputContext]], tf.data.Dataset]:
+  """A dataset_fn for `strategy.distribute_datasets_from_function`.
+
+  Each input pipeline reads every num_input_pipelines-th record file (file-level
+  sharding) and batches input_context.get_per_replica_batch_size(
+  global_batch_size) examples.
+
+  train=True: shuffled files, shuffle(shuffle_buffer), repeat forever, random
+  crop fused with decoding, random horizontal flip, resize; full batches only.
+  train=False: one pass in file order, central crop (see preprocess_for_eval),
+  resize; the last batch may be partial.
+
+  Args:
+    split: TFDS split string ('train', 'validation', 'train[:90%]', ...).
+    data_dir: where `prepare` put the dataset.
+    image_size: output side S.
+    global_batch_size: batch over all replicas.
+    train: training or evaluation preprocessing.
+    num_classes: labels must be < num_classes, else iteration fails.
+    shuffle_buffer: examples in the shuffle buffer (train only).
+    seed: makes the training pipeline deterministic (file order, shuffle,
+      crops and flips); None lets tf.data trade order for speed.
+    cache: cache the undecoded JPEGs in memory after the first pass.
+
+  Returns:
+    dataset_fn(input_context=None) -> dataset of (float32 [B, S, S, 3] in
+    [0, 255], int32 [B]).
+  """
+  if "test" in _split_base_names(split):
+    raise ValueError(
+        f"Split {split!r} includes ImageNet's test split, which has no labels; "
+        "use 'train' or 'validation' (or slices of them, e.g. 'train[99%:]')."
+    )
+  builder = _prepared_builder(data_dir)
+
+  def dataset_fn(
+      input_context: Optional[tf.distribute.InputContext] = None,
+  ) -> tf.data.Dataset:
+    input_context = input_context or tf.distribute.InputContext()
+    batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+    pipeline_seed = (
+        None if seed is None else seed + input_context.input_pipeline_id
+    )
+    options = tf.data.Options()
+    options.deterministic = (seed is not None) or not train
+    dataset = _examples(
+        builder,
+        split,
+        input_context,
+        train=train,
+        seed=pipeline_seed,
+        num_classes=num_classes,
+        options=options,
+    )
+    if cache:
+      dataset = dataset.cache()
+    if train:
+      dataset = dataset.shuffle(shuffle_buffer, seed=pipeline_seed).repeat()
+      crop_seeds = tf.data.Dataset.random(seed=pipeline_seed).batch(2)
+      dataset = tf.data.Dataset.zip((dataset, crop_seeds))
+
+      def preprocess(example, crop_seed):
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(crop_seed, 2)
+        )
+        image = _decode_and_random_crop(example["image"], crop_seed)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return _resize(image, image_size), example["label"]
+
+    else:
+
+      def preprocess(example):
+        image = preprocess_for_eval(example["image"], image_size)
+        return image, example["label"]
+
+    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=train)
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+  return dataset_fn
