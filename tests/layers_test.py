@@ -1,0 +1,61 @@
+"""Tests for opq_tf.layers: which kernels are compressible."""
+
+from absl.testing import absltest
+import numpy as np
+
+from opq_tf import layers
+from opq_tf._keras import keras, tf
+
+
+def _model_with_every_kind() -> keras.Model:
+  inputs = keras.Input((12, 12, 3))
+  x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+  x = keras.layers.DepthwiseConv2D(3, name="depthwise")(x)
+  x = keras.layers.SeparableConv2D(4, 3, name="separable")(x)
+  x = keras.layers.Conv2DTranspose(4, 3, name="transpose")(x)
+  x = keras.layers.BatchNormalization(name="bn")(x)
+  x = keras.layers.Reshape((-1, 4), name="reshape")(x)
+  x = keras.layers.Conv1D(3, 2, name="conv1d")(x)
+  x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+  head_inputs = keras.Input((3,))
+  head_outputs = keras.layers.Dense(2, name="dense")(head_inputs)
+  head = keras.Model(head_inputs, head_outputs, name="head")
+  return keras.Model(inputs, head(x))
+
+
+class LayersTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.random.set_seed(0)
+
+  def test_compressible_kernels_keys_kinds_values(self):
+    model = _model_with_every_kind()
+    kernels = layers.compressible_kernels(model)
+    self.assertEqual(list(kernels), [
+        "conv/kernel", "depthwise/depthwise_kernel",
+        "separable/depthwise_kernel", "separable/pointwise_kernel",
+        "conv1d/kernel", "dense/kernel"])
+    self.assertEqual(kernels["depthwise/depthwise_kernel"][0],
+                     "DepthwiseConv2D")
+    self.assertEqual(kernels["dense/kernel"][0], "Dense")
+    dense = model.get_layer("head").get_layer("dense")
+    np.testing.assert_array_equal(kernels["dense/kernel"][1],
+                                  dense.kernel.numpy())
+    self.assertEqual(kernels["separable/pointwise_kernel"][1].dtype, np.float32)
+
+  def test_exact_class_match(self):
+    self.assertIsNone(layers.weight_attrs(keras.layers.Conv2DTranspose(2, 3)))
+    self.assertIsNone(layers.weight_attrs(keras.layers.BatchNormalization()))
+    self.assertEqual(layers.weight_attrs(keras.layers.SeparableConv2D(2, 3)),
+                     ("depthwise_kernel", "pointwise_kernel"))
+
+  def test_iter_layers_enters_submodels(self):
+    model = _model_with_every_kind()
+    names = [layer.name for layer in layers.iter_layers(model)]
+    self.assertIn("dense", names)
+    self.assertNotIn("head", names)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,130 @@
+"""Tests for opq_tf.quantize_configs: OPQQuantizeConfig and register_layer."""
+
+from absl.testing import absltest
+import numpy as np
+
+import opq_tf
+from opq_tf import apply as apply_lib
+from opq_tf import layers as layers_lib
+from opq_tf._keras import keras, tf, tfmot
+from opq_tf.quantize_configs import OPQQuantizeConfig, register_layer
+from opq_tf.quantizers import OPQWeightQuantizer
+
+
+class ScaledDense(keras.layers.Dense):
+  """A user's Dense subclass (not compressed unless registered)."""
+
+  def __init__(self, units, scale=2.0, **kwargs):
+    super().__init__(units, **kwargs)
+    self.scale = scale
+
+  def call(self, inputs):
+    return super().call(inputs) * self.scale
+
+  def get_config(self):
+    return {**super().get_config(), "scale": self.scale}
+
+
+def _separable_config(quantize_activations=False):
+  return OPQQuantizeConfig(
+      {"depthwise_kernel": OPQWeightQuantizer(3, 0.1, 0.05),
+       "pointwise_kernel": OPQWeightQuantizer(4, 0.2, 0.1)},
+      quantize_activations)
+
+
+class OPQQuantizeConfigTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.random.set_seed(0)
+
+  def test_weights_and_quantizers_per_attribute(self):
+    layer = keras.layers.SeparableConv2D(4, 3)
+    layer.build((None, 8, 8, 3))
+    config = _separable_config()
+    pairs = config.get_weights_and_quantizers(layer)
+    self.assertEqual([weight.name for weight, _ in pairs],
+                     [layer.depthwise_kernel.name, layer.pointwise_kernel.name])
+    self.assertEqual([quantizer.bits for _, quantizer in pairs], [3, 4])
+    replacement = [tf.zeros(layer.depthwise_kernel.shape),
+                   tf.ones(layer.pointwise_kernel.shape)]
+    config.set_quantize_weights(layer, replacement)
+    self.assertIs(layer.depthwise_kernel, replacement[0])
+    self.assertIs(layer.pointwise_kernel, replacement[1])
+    with self.assertRaisesRegex(ValueError, "got 1 quantized weights"):
+      config.set_quantize_weights(layer, replacement[:1])
+
+  def test_activations_fp32_by_default(self):
+    layer = keras.layers.Dense(2)
+    config = _separable_config()
+    self.assertEqual(config.get_activations_and_quantizers(layer), [])
+    self.assertEqual(config.get_output_quantizers(layer), [])
+
+  def test_quantize_activations_uses_tfmot_moving_average_8bit(self):
+    quantizers = _separable_config(True).get_output_quantizers(None)
+    self.assertEqual(quantizers, [
+        tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+            num_bits=8, per_axis=False, symmetric=False, narrow_range=False)])
+
+  def test_config_round_trip_through_keras_serialization(self):
+    config = _separable_config(True)
+    serialized = keras.utils.legacy.serialize_keras_object(config)
+    self.assertEqual(serialized["class_name"], "opq_tf>OPQQuantizeConfig")
+    with tfmot.quantization.keras.quantize_scope():
+      restored = keras.utils.legacy.deserialize_keras_object(serialized)
+    self.assertEqual(restored, config)
+    self.assertEqual(restored.weight_attrs,
+                     ("depthwise_kernel", "pointwise_kernel"))
+    self.assertEqual(restored.weight_quantizers["pointwise_kernel"],
+                     OPQWeightQuantizer(4, 0.2, 0.1))
+    self.assertTrue(restored.quantize_activations)
+
+
+class RegisterLayerTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    tf.random.set_seed(0)
+    saved = dict(layers_lib.WEIGHT_ATTRS)
+    self.addCleanup(lambda: (layers_lib.WEIGHT_ATTRS.clear(),
+                             layers_lib.WEIGHT_ATTRS.update(saved)))
+
+  def _model(self):
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(16, activation="relu", name="dense")(inputs)
+    return keras.Model(inputs, ScaledDense(3, scale=0.5, name="scaled")(x))
+
+  def test_unregistered_subclass_is_not_compressed(self):
+    self.assertEqual(list(layers_lib.compressible_kernels(self._model())),
+                     ["dense/kernel"])
+
+  def test_registered_subclass_is_compressed(self):
+    register_layer(ScaledDense, ["kernel"])
+    model = self._model()
+    self.assertEqual(list(layers_lib.compressible_kernels(model)),
+                     ["dense/kernel", "scaled/kernel"])
+    qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=3)
+    wrapper = qmodel.get_layer("quant_scaled")
+    self.assertIsInstance(wrapper.layer, ScaledDense)
+    entries = {e.key: e for e in apply_lib.compressed_entries(qmodel)}
+    entry = entries["scaled/kernel"]
+    np.testing.assert_array_equal(entry.mask,
+                                  np.abs(entry.kernel) >= entry.threshold)
+    self.assertFalse(entry.mask.all())
+    inputs = np.random.RandomState(0).normal(size=(5, 6)).astype(np.float32)
+    stripped = opq_tf.strip(qmodel)
+    self.assertIsInstance(stripped.get_layer("scaled"), ScaledDense)
+    np.testing.assert_array_equal(stripped.get_layer("scaled").kernel.numpy(),
+                                  entry.compressed)
+    np.testing.assert_allclose(stripped(inputs).numpy(), qmodel(inputs).numpy(),
+                               atol=1e-5)
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(TypeError, "pass the class itself"):
+      register_layer(ScaledDense(2), ["kernel"])
+    with self.assertRaisesRegex(ValueError, "non-empty list"):
+      register_layer(ScaledDense, "kernel")
+
+
+if __name__ == "__main__":
+  absltest.main()
