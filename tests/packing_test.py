@@ -1,0 +1,204 @@
+"""Tests for opq_tf.packing: symbols, the constriction codec and the file."""
+
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from opq_tf import packing
+
+
+def _stream(name, n, seed=0):
+  """Symbol streams over the 4-bit alphabet (16 symbols) of various shapes."""
+  rng = np.random.default_rng(seed)
+  alphabet = packing.alphabet_size(4)
+  if name == "uniform":
+    return rng.integers(0, alphabet, size=n).astype(np.int32)
+  if name == "laplace":
+    codes = np.clip(np.round(rng.laplace(scale=2.0, size=n)), -7, 7)
+    mask = rng.random(n) > 0.8
+    return packing.symbols_from_codes(mask, codes.astype(np.int32), 4)
+  if name == "skewed":
+    p = np.full(alphabet, 1e-4)
+    p[0] = 1.0 - 1e-4 * (alphabet - 1)
+    return rng.choice(alphabet, size=n, p=p).astype(np.int32)
+  if name == "unused_symbols":
+    return rng.choice([0, 3, 15], size=n, p=[0.7, 0.2, 0.1]).astype(np.int32)
+  if name == "all_pruned":
+    return np.zeros(n, dtype=np.int32)
+  if name == "single_kept":
+    symbols = np.zeros(n, dtype=np.int32)
+    symbols[n // 3] = 12
+    return symbols
+  if name == "two_symbols_one_rare":
+    symbols = np.full(n, 8, dtype=np.int32)
+    symbols[-1] = 0
+    return symbols
+  raise ValueError(name)
+
+
+_STREAMS = ("uniform", "laplace", "skewed", "unused_symbols", "all_pruned",
+            "single_kept", "two_symbols_one_rare")
+
+
+class SymbolsTest(parameterized.TestCase):
+
+  def test_symbols_keep_pruned_and_kept_zero_apart(self):
+    mask = np.array([[True, False], [True, True]])
+    codes = np.array([[0, 5], [-7, 7]])
+    symbols = packing.symbols_from_codes(mask, codes, 4)
+    np.testing.assert_array_equal(symbols, [8, 0, 1, 15])
+    back_mask, back_codes = packing.codes_from_symbols(symbols, 4, (2, 2))
+    np.testing.assert_array_equal(back_mask, mask)
+    np.testing.assert_array_equal(back_codes, [[0, 0], [-7, 7]])
+
+  @parameterized.parameters(2, 3, 4, 8)
+  def test_alphabet_size(self, bits):
+    k = 2 ** (bits - 1) - 1
+    self.assertEqual(packing.alphabet_size(bits), 2 * k + 2)
+
+  def test_codes_outside_grid_raise(self):
+    with self.assertRaisesRegex(ValueError, r"outside \[-3, 3\].*clip"):
+      packing.symbols_from_codes(np.ones(3, bool), np.array([0, 4, 1]), 3)
+
+  def test_bad_bits_raise(self):
+    with self.assertRaisesRegex(ValueError, "bits must be an integer"):
+      packing.alphabet_size(1)
+
+  def test_entropy(self):
+    self.assertAlmostEqual(
+        packing.empirical_entropy_bits(np.arange(8) % 4, 6), 2.0)
+    self.assertEqual(packing.empirical_entropy_bits(np.zeros(9, int), 6), 0.0)
+
+
+class CodecTest(parameterized.TestCase):
+
+  @parameterized.parameters(*_STREAMS)
+  def test_round_trip(self, name):
+    symbols = _stream(name, 5000)
+    alphabet = packing.alphabet_size(4)
+    counts, data = packing.encode_symbols(symbols, alphabet)
+    np.testing.assert_array_equal(counts, np.bincount(symbols, minlength=16))
+    decoded = packing.decode_symbols(data, counts, symbols.size)
+    np.testing.assert_array_equal(decoded, symbols)
+
+  def test_single_symbol_stream_costs_nothing(self):
+    _, data = packing.encode_symbols(_stream("all_pruned", 1000), 16)
+    self.assertEqual(data, b"")
+
+  @parameterized.parameters("uniform", "laplace", "skewed", "unused_symbols",
+                            "two_symbols_one_rare")
+  def test_coded_size_near_entropy(self, name):
+    symbols = _stream(name, 200_000, seed=1)
+    entropy_bytes = symbols.size * packing.empirical_entropy_bits(
+        symbols, 16) / 8
+    _, data = packing.encode_symbols(symbols, 16)
+    self.assertLessEqual(len(data), 1.01 * entropy_bytes + 16)
+    self.assertGreaterEqual(len(data), entropy_bytes - 16)
+
+  def test_several_streams_share_one_stack(self):
+    names = ("laplace", "all_pruned", "skewed", "single_kept")
+    streams = [_stream(n, 3000 + i, seed=i) for i, n in enumerate(names)]
+    pairs = [(s, packing.symbol_counts(s, 16)) for s in streams]
+    words, bits = packing.encode_streams(pairs)
+    self.assertEqual(bits[1], 0)
+    self.assertLessEqual(sum(bits), 32 * words.size)
+    decoded = packing.decode_streams(words, [c for _, c in pairs])
+    for got, want in zip(decoded, streams):
+      np.testing.assert_array_equal(got, want)
+
+  def test_wrong_counts_raise(self):
+    symbols = _stream("laplace", 2000)
+    counts, data = packing.encode_symbols(symbols, 16)
+    with self.assertRaisesRegex(ValueError, "counts sum"):
+      packing.decode_symbols(data, counts, 1999)
+
+
+class FileTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(3)
+    weights = rng.laplace(scale=0.05, size=(3, 3, 8, 16)).astype(np.float32)
+    mask = np.abs(weights) >= 0.04
+    step = np.float32(0.0173)
+    codes = np.clip(np.round(weights / step), -7, 7).astype(np.int32) * mask
+    dense_mask = rng.random((64, 10)) > 0.9
+    self.entries = [
+        packing.PackedEntry("conv/kernel", 4, float(step), mask, codes),
+        packing.PackedEntry("dense/kernel", 3, 0.25, dense_mask,
+                            rng.integers(-3, 4, size=(64, 10)) * dense_mask),
+        packing.PackedEntry("dw/depthwise_kernel", 8, 0.5,
+                            np.zeros((3, 3, 4, 1), bool),
+                            np.zeros((3, 3, 4, 1), np.int32)),
+    ]
+    self.rest = {
+        "conv/bias": rng.normal(size=16).astype(np.float32),
+        "bn/moving_variance": np.array([np.pi, -0.0, 1e-30], np.float32),
+    }
+    directory = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, directory)
+    self.path = os.path.join(directory, "model.opq")
+
+  def test_round_trip_is_exact(self):
+    stats = packing.write_packed(self.path, self.entries, self.rest)
+    self.assertEqual(stats.file_bytes, os.path.getsize(self.path))
+    entries, rest = packing.read_packed(self.path)
+    self.assertEqual([e.name for e in entries],
+                     [e.name for e in self.entries])
+    for got, want in zip(entries, self.entries):
+      self.assertEqual(got.bits, want.bits)
+      self.assertEqual(np.float32(got.step), np.float32(want.step))
+      np.testing.assert_array_equal(got.mask, want.mask)
+      np.testing.assert_array_equal(got.codes, want.codes)
+      self.assertTrue(np.array_equal(got.values(), want.values()))
+      self.assertEqual(got.values().dtype, np.float32)
+    self.assertEqual(list(rest), list(self.rest))
+    for name, value in self.rest.items():
+      self.assertEqual(rest[name].tobytes(), value.tobytes())
+    self.assertEqual(stats.entry_coded_bits["dw/depthwise_kernel"], 0)
+    # Magic, crc, varint and a deflated header of 5 names, shapes and counts.
+    self.assertLess(stats.header_bytes, 200)
+    self.assertEqual(stats.file_bytes, stats.header_bytes + stats.coded_bytes
+                     + stats.rest_bytes)
+
+  def test_values_are_step_times_code(self):
+    entry = self.entries[0]
+    want = np.where(entry.mask, np.float32(entry.step) *
+                    entry.codes.astype(np.float32), 0).astype(np.float32)
+    self.assertTrue(np.array_equal(entry.values(), want))
+
+  @parameterized.parameters("flip_header", "flip_payload", "truncate",
+                            "append", "magic")
+  def test_corrupt_file_raises(self, how):
+    packing.write_packed(self.path, self.entries, self.rest)
+    with open(self.path, "rb") as f:
+      data = bytearray(f.read())
+    if how == "flip_header":
+      data[12] ^= 0x40
+    elif how == "flip_payload":
+      data[len(data) // 2] ^= 0x01
+    elif how == "truncate":
+      data = data[:-7]
+    elif how == "append":
+      data += b"\0"
+    else:
+      data[0:4] = b"PK\x03\x04"
+    with open(self.path, "wb") as f:
+      f.write(bytes(data))
+    with self.assertRaisesRegex(ValueError, "OPQ packed file|corrupt"):
+      packing.read_packed(self.path)
+
+  def test_duplicate_names_raise_and_write_nothing(self):
+    rest = {"conv/kernel": np.zeros(3, np.float32)}
+    with self.assertRaisesRegex(ValueError, "appears twice"):
+      packing.write_packed(self.path, self.entries, rest)
+    self.assertFalse(os.path.exists(self.path))
+    self.assertEmpty(os.listdir(os.path.dirname(self.path)))
+
+
+if __name__ == "__main__":
+  absltest.main()
