@@ -62,10 +62,7 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 import opq_tf  # noqa: E402
-# The verbs are called through their modules: once opq_tf.apply / opq_tf.export
-# are imported as submodules, those package attributes are the modules.
-from opq_tf import apply as apply_lib  # noqa: E402
-from opq_tf import export as export_lib  # noqa: E402
+from opq_tf import wrapping  # noqa: E402
 from opq_tf import layers as layers_lib  # noqa: E402
 from opq_tf import packing  # noqa: E402
 from opq_tf._keras import keras, tf, tfmot  # noqa: E402
@@ -251,8 +248,8 @@ def run_opq(fp32, data, strategy, pruning_rate, bits, seeds, epochs, workdir):
   """
   reference = kernels(fp32)
   plan = opq_tf.allocate(fp32, pruning_rate, bits, strategy=strategy)
-  qmodel = compile_model(apply_lib.apply(fp32, plan))
-  compressed = {e.key: e.compressed for e in apply_lib.compressed_entries(qmodel)}
+  qmodel = compile_model(opq_tf.apply(fp32, plan))
+  compressed = {e.key: e.compressed for e in wrapping.compressed_entries(qmodel)}
   result = {
       "method": strategy, "pruning_rate": pruning_rate, "bits": bits,
       "scheme": f"opq_tf.allocate(strategy={strategy!r})",
@@ -284,7 +281,7 @@ def run_opq(fp32, data, strategy, pruning_rate, bits, seeds, epochs, workdir):
       export_dir = os.path.join(workdir, "exports",
                                 f"{strategy}_p{pruning_rate}_b{bits}")
       shutil.rmtree(export_dir, ignore_errors=True)
-      report = export_lib.export(qmodel, export_dir)
+      report = opq_tf.export(qmodel, export_dir)
       result["model_ratio"] = report["model_ratio"]
       result["packed_bytes"] = report["packed_bytes"]
       result["entropy_bound_bytes"] = report["entropy_bound_bytes"]

@@ -20,11 +20,11 @@ _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 from opq_tf.allocation import CompressionPlan, LayerPlan, allocate  # noqa: E402
 
 _LAZY = {
-    "apply": "opq_tf.apply",
-    "strip": "opq_tf.apply",
+    "apply": "opq_tf.wrapping",
+    "strip": "opq_tf.wrapping",
     "register_layer": "opq_tf.quantize_configs",
-    "export": "opq_tf.export",
-    "load_packed": "opq_tf.export",
+    "export": "opq_tf.exporting",
+    "load_packed": "opq_tf.exporting",
 }
 
 __all__ = ["CompressionPlan", "LayerPlan", "allocate", *_LAZY]

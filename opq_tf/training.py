@@ -88,8 +88,8 @@ import ml_collections
 import numpy as np
 
 from opq_tf import allocation
-from opq_tf import apply as apply_lib
-from opq_tf import export as export_lib
+from opq_tf import wrapping
+from opq_tf import exporting
 from opq_tf import imagenet_input
 from opq_tf import models
 from opq_tf._keras import keras, tf
@@ -597,7 +597,7 @@ def evaluate(model: keras.Model, config: ml_collections.ConfigDict,
 
 def _compressed_sparsity(model: keras.Model) -> float:
   """Fraction of zeros in the compressed kernels (pruned, or rounded to 0)."""
-  entries = apply_lib.compressed_entries(model)
+  entries = wrapping.compressed_entries(model)
   zeros = sum(int(np.count_nonzero(e.compressed == 0)) for e in entries)
   return zeros / sum(e.kernel.size for e in entries)
 
@@ -854,7 +854,7 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
   allocate_started = time.time()
   plan = _load_or_allocate_plan(model, config, workdir, chief)
   with strategy.scope():
-    qmodel = apply_lib.apply(model, plan,
+    qmodel = wrapping.apply(model, plan,
                              quantize_activations=config.quantize_activations)
   allocate_seconds = time.time() - allocate_started
   print(plan.table(), flush=True)
@@ -872,11 +872,11 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
   # Every worker exports (see train_fp32); only the chief's export stays.
   export_dir = os.path.join(workdir, EXPORT_DIR)
   export_started = time.time()
-  if os.path.exists(os.path.join(export_dir, export_lib.REPORT_FILE)):
-    export_report = _read_json(os.path.join(export_dir, export_lib.REPORT_FILE))
+  if os.path.exists(os.path.join(export_dir, exporting.REPORT_FILE)):
+    export_report = _read_json(os.path.join(export_dir, exporting.REPORT_FILE))
   else:
     target = export_dir if chief else os.path.join(tempfile.mkdtemp(), "export")
-    export_report = export_lib.export(
+    export_report = exporting.export(
         qmodel, target, serving_fn=serving_fn(config.image_size),
         input_signature=SERVING_SIGNATURE)
     if not chief:
@@ -912,9 +912,9 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
       "seconds": {"allocate_and_apply": allocate_seconds,
                   "finetune": training["seconds"], "export": export_seconds,
                   "compress_and_finetune_total": time.time() - started},
-      "export": {"saved_model": os.path.join(export_dir, export_lib.SAVED_MODEL_DIR),
-                 "report": os.path.join(export_dir, export_lib.REPORT_FILE),
-                 "packed": os.path.join(export_dir, export_lib.PACKED_FILE)},
+      "export": {"saved_model": os.path.join(export_dir, exporting.SAVED_MODEL_DIR),
+                 "report": os.path.join(export_dir, exporting.REPORT_FILE),
+                 "packed": os.path.join(export_dir, exporting.PACKED_FILE)},
   }
   if chief:
     _write_json(os.path.join(workdir, FINAL_REPORT), report)

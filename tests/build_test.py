@@ -65,6 +65,10 @@ def _local_imports(path: str) -> set[str]:
       modules.update(f"{node.module}.{alias.name}" for alias in node.names)
   files = set()
   for module in modules:
+    sibling = os.path.join(os.path.dirname(path), module + ".py")
+    if "." not in module and os.path.exists(os.path.join(_ROOT, sibling)):
+      files.add(sibling)  # e.g. tests/ helpers imported by bare name
+      continue
     if module.split(".")[0] not in _PACKAGES:
       continue
     candidate = module.replace(".", "/") + ".py"

@@ -21,21 +21,11 @@ import tensorflow_datasets as tfds
 
 from opq_tf import digits_imagenet
 from opq_tf import imagenet_input
+import cpu_devices
 from opq_tf._keras import tf
 
 
-def _two_logical_cpus() -> None:
-  """Splits the CPU in two logical devices (must precede TF's runtime init)."""
-  cpus = tf.config.list_physical_devices("CPU")
-  try:
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
-    )
-  except RuntimeError:  # Already initialised, e.g. by another test module.
-    pass
-
-
-_two_logical_cpus()
+cpu_devices.split_cpu()
 
 
 def _tar(path: str, members: dict[str, bytes]) -> None:

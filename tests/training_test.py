@@ -20,22 +20,13 @@ from opq_tf import allocation
 from opq_tf import imagenet_input
 from opq_tf import models
 from opq_tf import training
+import cpu_devices
 from opq_tf._keras import keras, tf
-from opq_tf.apply import apply, compressed_entries
-from opq_tf.export import load_packed
+from opq_tf.wrapping import apply, compressed_entries
+from opq_tf.exporting import load_packed
 
 
-def _two_logical_cpus() -> None:
-  """Splits the CPU in two logical devices (must precede TF's runtime init)."""
-  try:
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * 2)
-  except RuntimeError:  # Already initialised, e.g. by another test module.
-    pass
-
-
-_two_logical_cpus()
+cpu_devices.split_cpu()
 
 # Same data, same initial weights, same global batch: one device and two
 # replicas (synchronized BatchNorm, loss over the global batch) differ only

@@ -15,9 +15,9 @@ import numpy as np
 
 from opq_tf import packing
 from opq_tf._keras import keras, tf
-from opq_tf.apply import apply, compressed_entries, strip
+from opq_tf.wrapping import apply, compressed_entries, strip
 # Not `from opq_tf import export`: the package's public verb shares that name.
-from opq_tf.export import export, load_packed, named_weights
+from opq_tf.exporting import export, load_packed, named_weights
 
 
 def _build_model(dense_units=10, dense_name="fc"):

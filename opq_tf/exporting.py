@@ -36,7 +36,7 @@ import numpy as np
 from opq_tf import layers as layers_lib
 from opq_tf import packing
 from opq_tf._keras import keras, tf
-from opq_tf.apply import compressed_entries, strip
+from opq_tf.wrapping import compressed_entries, strip
 
 SAVED_MODEL_DIR = "saved_model"
 REPORT_FILE = "report.json"

@@ -5,28 +5,15 @@ from absl.testing import parameterized
 import numpy as np
 
 import opq_tf
-from opq_tf import apply as apply_lib
+from opq_tf import wrapping
 from opq_tf import layers as layers_lib
+import cpu_devices
 from opq_tf._keras import keras, tf, tfmot
 
 _tfmot_keras = tfmot.quantization.keras
 
 
-def _use_two_logical_cpus():
-  """Splits the CPU in two for MirroredStrategy (only before TF starts)."""
-  try:
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-  except RuntimeError:  # TF already initialised (by another test module).
-    pass
-
-
-_use_two_logical_cpus()
-
-
-def setUpModule():
-  _use_two_logical_cpus()
+cpu_devices.split_cpu()
 
 
 def _small_model() -> keras.Model:
@@ -50,7 +37,7 @@ def _data(count=160, seed=0):
 def _state(qmodel):
   """key -> (latent kernel, mask, step, TF-computed compressed kernel)."""
   state = {}
-  for wrapper, attr, weight, quantizer, variables in apply_lib._opq_weights(qmodel):  # pylint: disable=protected-access
+  for wrapper, attr, weight, quantizer, variables in wrapping._opq_weights(qmodel):  # pylint: disable=protected-access
     compressed = quantizer(weight, False, variables)
     state[f"{wrapper.layer.name}/{attr}"] = (
         weight.numpy().copy(), variables["mask"].numpy().copy(),
@@ -96,9 +83,9 @@ class ApplyTest(parameterized.TestCase):
     model = application(weights=None, input_shape=(32, 32, 3), classes=4)
     kernels = layers_lib.compressible_kernels(model)
     plan = opq_tf.allocate(model, pruning_rate=0.6, bits=4)
-    qmodel = apply_lib.apply(model, plan)
+    qmodel = wrapping.apply(model, plan)
     self.assertIs(qmodel.opq_plan, plan)
-    entries = apply_lib.compressed_entries(qmodel)
+    entries = wrapping.compressed_entries(qmodel)
     self.assertEqual([entry.key for entry in entries], list(kernels))
     by_key = plan.by_key()
     for entry in entries:
@@ -129,7 +116,7 @@ class ApplyTest(parameterized.TestCase):
     model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
     qmodel = opq_tf.apply(model, pruning_rate=0.7, bits=3)
     self.assertFalse([l for l in qmodel.layers if isinstance(l, keras.Model)])
-    entries = apply_lib.compressed_entries(qmodel)
+    entries = wrapping.compressed_entries(qmodel)
     self.assertEqual([e.key for e in entries],
                      list(layers_lib.compressible_kernels(model)))
     images = np.random.RandomState(0).uniform(0, 255, (4, 8, 8, 3))
@@ -156,26 +143,26 @@ class ApplyTest(parameterized.TestCase):
     net(np.zeros((1, 3), np.float32))
     with self.assertRaisesRegex(TypeError,
                                 "rebuild it as a Functional or Sequential"):
-      apply_lib.apply(net, pruning_rate=0.5, bits=4)
+      wrapping.apply(net, pruning_rate=0.5, bits=4)
 
   def test_bad_input(self):
     with self.assertRaisesRegex(ValueError, "not built.*input shape"):
-      apply_lib.apply(keras.Sequential([keras.layers.Dense(2)]),
+      wrapping.apply(keras.Sequential([keras.layers.Dense(2)]),
                       pruning_rate=0.5, bits=4)
     model = _small_model()
     with self.assertRaisesRegex(ValueError, "needs pruning_rate and bits"):
-      apply_lib.apply(model)
+      wrapping.apply(model)
     other_plan = opq_tf.allocate(
         {"other/kernel": np.random.RandomState(0).normal(size=(4, 4))}, 0.5, 4)
     with self.assertRaisesRegex(ValueError,
                                 r"not in model.*\['other/kernel'\]"):
-      apply_lib.apply(model, other_plan)
+      wrapping.apply(model, other_plan)
     plan = opq_tf.allocate(model, 0.5, 4)
     with self.assertRaisesRegex(ValueError, "either a plan or pruning_rate"):
-      apply_lib.apply(model, plan, bits=4)
+      wrapping.apply(model, plan, bits=4)
     with self.assertRaisesRegex(
         ValueError, "was never applied: call opq_tf.apply first"):
-      apply_lib.compressed_entries(model)
+      wrapping.compressed_entries(model)
 
   def test_fit_keeps_masks_and_steps_fixed(self):
     qmodel = opq_tf.apply(_small_model(), pruning_rate=0.7, bits=3)
@@ -215,7 +202,7 @@ class ApplyTest(parameterized.TestCase):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:
       self.skipTest("TF was initialised before this module could split the "
-                    "CPU; run tests/apply_test.py on its own.")
+                    "CPU; run tests/wrapping_test.py on its own.")
     strategy = tf.distribute.MirroredStrategy(devices[:2])
     model = _small_model()
     plan = opq_tf.allocate(model, pruning_rate=0.7, bits=3)
@@ -224,7 +211,7 @@ class ApplyTest(parameterized.TestCase):
       qmodel.compile(
           keras.optimizers.SGD(learning_rate=0.5),
           keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    opq_weights = list(apply_lib._opq_weights(qmodel))  # pylint: disable=protected-access
+    opq_weights = list(wrapping._opq_weights(qmodel))  # pylint: disable=protected-access
     self.assertLen(opq_weights, 5)
     for *_, variables in opq_weights:
       mask = variables["mask"]
@@ -251,7 +238,7 @@ class ApplyTest(parameterized.TestCase):
                      [type(l) for l in model.layers])
     self.assertFalse([type(l).__name__ for l in stripped.layers
                       if "tensorflow_model_optimization" in type(l).__module__])
-    for entry in apply_lib.compressed_entries(qmodel):
+    for entry in wrapping.compressed_entries(qmodel):
       layer = stripped.get_layer(entry.layer_name)
       kernel = getattr(layer, entry.weight).numpy()
       np.testing.assert_array_equal(kernel, entry.compressed)
@@ -287,6 +274,17 @@ class ApplyTest(parameterized.TestCase):
     outputs = keras.Model(qmodel.inputs, wrapper.output)(images, training=False)
     levels = np.unique(outputs.numpy())
     self.assertLessEqual(len(levels), 256)
+
+
+class PublicVerbsTest(absltest.TestCase):
+
+  def test_verbs_stay_functions_after_their_modules_are_imported(self):
+    from opq_tf import exporting  # pylint: disable=g-import-not-at-top,unused-import
+
+    for verb in ("apply", "strip", "export", "load_packed", "register_layer"):
+      self.assertTrue(callable(getattr(opq_tf, verb)), verb)
+    self.assertIs(opq_tf.apply, wrapping.apply)
+    self.assertIs(opq_tf.export, exporting.export)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ plan's step; both are non-trainable and never recomputed.
 """
 
 import dataclasses
-import sys
-import types
 from typing import Optional
 
 import numpy as np
@@ -270,17 +268,3 @@ def _wrapped_layer_weights(wrapper) -> list:
       weights.append(weight)
   return weights
 
-
-class _CallableModule(types.ModuleType):
-  """Calling the module `opq_tf.apply` calls `opq_tf.apply.apply`.
-
-  Importing this submodule makes `opq_tf.apply` name the module, shadowing the
-  package's lazily imported verb; this keeps `opq_tf.apply(model, plan)`
-  working.
-  """
-
-  def __call__(self, *args, **kwargs):
-    return apply(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
