@@ -24,7 +24,7 @@ from opq_tf import digits_imagenet
 from opq_tf import imagenet_input
 from opq_tf import models
 from opq_tf._keras import keras
-from opq_tf.export import load_packed
+from opq_tf.exporting import load_packed
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT = 600
@@ -37,7 +37,7 @@ import sys
 import numpy as np
 from configs import default
 from opq_tf import training, models
-from opq_tf.apply import apply
+from opq_tf.wrapping import apply
 from opq_tf._keras import keras
 
 workdir, data_dir, out = sys.argv[1:4]

@@ -12,7 +12,7 @@ import numpy as np
 from opq_tf import layers
 from opq_tf import models
 from opq_tf._keras import keras, tf
-from opq_tf.apply import apply, compressed_entries
+from opq_tf.wrapping import apply, compressed_entries
 
 
 def _kernel_kinds(model):

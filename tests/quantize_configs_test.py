@@ -4,7 +4,7 @@ from absl.testing import absltest
 import numpy as np
 
 import opq_tf
-from opq_tf import apply as apply_lib
+from opq_tf import wrapping
 from opq_tf import layers as layers_lib
 from opq_tf._keras import keras, tf, tfmot
 from opq_tf.quantize_configs import OPQQuantizeConfig, register_layer
@@ -106,7 +106,7 @@ class RegisterLayerTest(absltest.TestCase):
     qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=3)
     wrapper = qmodel.get_layer("quant_scaled")
     self.assertIsInstance(wrapper.layer, ScaledDense)
-    entries = {e.key: e for e in apply_lib.compressed_entries(qmodel)}
+    entries = {e.key: e for e in wrapping.compressed_entries(qmodel)}
     entry = entries["scaled/kernel"]
     np.testing.assert_array_equal(entry.mask,
                                   np.abs(entry.kernel) >= entry.threshold)

@@ -8,7 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import apply as apply_lib
+from opq_tf import wrapping
 from opq_tf._keras import keras, tf, tfmot
 from opq_tf.quantizers import OPQWeightQuantizer
 
@@ -109,7 +109,7 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
       x = keras.layers.DepthwiseConv2D(3, name="depthwise")(x)
     x = keras.layers.Flatten()(x)
     model = keras.Model(inputs, keras.layers.Dense(3, name="dense")(x))
-    qmodel = apply_lib.apply(model, pruning_rate=0.6, bits=3)
+    qmodel = wrapping.apply(model, pruning_rate=0.6, bits=3)
     images = np.random.RandomState(0).uniform(size=(4, 8, 8, 3))
     images = images.astype(np.float32)
     directory = tempfile.mkdtemp()
@@ -120,13 +120,13 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
       loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded(images, training=False).numpy(),
                                   qmodel(images, training=False).numpy())
-    for before, after in zip(apply_lib.compressed_entries(qmodel),
-                             apply_lib.compressed_entries(loaded)):
+    for before, after in zip(wrapping.compressed_entries(qmodel),
+                             wrapping.compressed_entries(loaded)):
       self.assertEqual(before.key, after.key)
       np.testing.assert_array_equal(before.mask, after.mask)
       self.assertEqual(before.step, after.step)
       self.assertEqual(before.bits, after.bits)
-    self.assertFalse(apply_lib.compressed_entries(loaded)[0].mask.all())
+    self.assertFalse(wrapping.compressed_entries(loaded)[0].mask.all())
 
 
 if __name__ == "__main__":
