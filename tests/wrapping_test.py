@@ -163,6 +163,16 @@ class ApplyTest(parameterized.TestCase):
     with self.assertRaisesRegex(
         ValueError, "was never applied: call opq_tf.apply first"):
       wrapping.compressed_entries(model)
+    no_kernels = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.BatchNormalization(),
+         keras.layers.GlobalAveragePooling2D()])
+    with self.assertRaisesRegex(ValueError, "no compressible layer.*register"):
+      wrapping.apply(no_kernels, pruning_rate=0.5, bits=4)
+    broken = _small_model()
+    kernel = broken.get_layer("conv").kernel
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[0, 0, 0, 0]], [np.nan]))
+    with self.assertRaisesRegex(ValueError, "conv/kernel contains NaN or Inf"):
+      wrapping.apply(broken, pruning_rate=0.5, bits=4)
 
   def test_fit_keeps_masks_and_steps_fixed(self):
     qmodel = opq_tf.apply(_small_model(), pruning_rate=0.7, bits=3)
