@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 from typing import Any, Mapping, Optional
+import warnings
 
 import numpy as np
 
@@ -244,8 +245,27 @@ def allocate(
       _plan_layer(kernel, threshold, step_stats)
       for kernel, threshold in zip(kernels, thresholds)
   ]
+  _warn_about_emptied_kernels(layers)
   return CompressionPlan(strategy, step_stats, float(pruning_rate), int(bits),
                          layers, skipped)
+
+
+def _warn_about_emptied_kernels(layers: list[LayerPlan]) -> None:
+  """Warns when a kernel keeps under 1% of its weights: its layer is nearly cut.
+
+  That can be the optimum (a layer with a much smaller scale than the rest),
+  or a sign that its weights have lighter tails than the Laplace model assumes
+  (e.g. barely trained from a uniform initialisation), so that the global rate
+  empties it. Either way the user should know, and can bound it.
+  """
+  for layer in layers:
+    if layer.kept < max(1, 0.01 * layer.size):
+      warnings.warn(
+          f"{layer.key} keeps {layer.kept} of {layer.size} weights "
+          f"({layer.pruning_rate:.2%} pruned), which nearly cuts its layer "
+          "off; if that is not wanted, bound it with "
+          f"overrides={{'{layer.name}': {{'min_kept': 0.05}}}}.",
+          stacklevel=3)
 
 
 def _check_pruning_rate(pruning_rate: Any) -> None:

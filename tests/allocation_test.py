@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -120,6 +121,28 @@ class AllocateTest(parameterized.TestCase):
     as_kernel = opq_tf.allocate({"dw/kernel": kernel}, 0.5, 4)
     self.assertNotAlmostEqual(as_depthwise.layers[0].step,
                               as_kernel.layers[0].step, delta=1e-6)
+
+
+class EmptiedKernelTest(absltest.TestCase):
+
+  def test_warns_when_a_kernel_keeps_under_one_percent(self):
+    # Uniform weights (no tails) in the largest kernel: meeting p = 0.98 on
+    # them empties it, which the Laplace model alone would never do.
+    rng = np.random.default_rng(5)
+    kernels = {"small/kernel": rng.laplace(scale=0.1, size=(64, 64)),
+               "large/kernel": rng.uniform(-0.05, 0.05, size=(512, 256))}
+    with self.assertWarnsRegex(UserWarning, "large/kernel keeps .*min_kept"):
+      plan = opq_tf.allocate(kernels, 0.98, 4)
+    self.assertLess(plan.by_key()["large/kernel"].kept, 0.01 * 512 * 256)
+    bounded = opq_tf.allocate(kernels, 0.98, 4,
+                              overrides={"large": {"min_kept": 0.05}})
+    self.assertGreaterEqual(bounded.by_key()["large/kernel"].kept,
+                            0.05 * 512 * 256)
+
+  def test_no_warning_when_every_kernel_keeps_enough(self):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      opq_tf.allocate(_kernels(), 0.8, 4)
 
 
 class OverridesTest(absltest.TestCase):
