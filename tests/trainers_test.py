@@ -58,6 +58,9 @@ class BadInputTest(absltest.TestCase):
         "non_numeric": ("run_default", ["--config.learning_rate=fast"],
                         r"--config\.learning_rate=fast.*could not convert "
                         r"string to float"),
+        "unknown_field": ("compress", ["--config.no_such=1"],
+                          r"compress: error: unknown config field among "
+                          r"\['--config\.no_such'\]"),
         "indivisible_batch": (
             "run_default", ["--strategy=mirrored", "--cpu_devices=2",
                             "--config.global_batch_size=63"],
@@ -87,7 +90,7 @@ class BadInputTest(absltest.TestCase):
     for name, (binary, flags, message) in cases.items():
       with self.subTest(name):
         result = results[name]
-        self.assertNotEqual(result.returncode, 0, f"{binary} {flags}")
+        self.assertEqual(result.returncode, 2, f"{binary} {flags}")
         self.assertRegex(result.stderr, re.compile(message, re.DOTALL))
         self.assertNotIn("Traceback", result.stderr)
         self.assertFalse(os.path.exists(workdirs[name]))

@@ -1,7 +1,8 @@
 """The flags every trainer takes, and the checks before any of them runs.
 
 Each binary in trainers/ imports this module (which defines the flags), then
-calls `start` in its main to get a validated config, workdir and strategy:
+runs `app.run(main, flags_parser=common.parse_flags)` and calls `start` in
+its main to get a validated config, workdir and strategy:
 every bad input is reported on stderr with exit status 2 before TensorFlow
 trains anything or anything is written.
 """
@@ -18,9 +19,17 @@ from opq_tf import training
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs",
                                "default.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG,
-    "A configs/*.py file; override fields with --config.<field>=<value>.")
+try:  # config_flags resolves --config.<field> overrides right here.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "A configs/*.py file; override fields with --config.<field>=<value>.")
+except (AttributeError, KeyError) as unknown:
+  _overrides = [arg.split("=")[0] for arg in sys.argv[1:]
+                if arg.startswith("--config.")]
+  print(f"{os.path.basename(sys.argv[0]).removesuffix('.py')}: error: "
+        f"unknown config field among {_overrides} ({unknown}); the fields are "
+        "those of configs/default.py.", file=sys.stderr)
+  sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the "
                                "run writes; rerunning on it resumes.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir "
@@ -37,6 +46,16 @@ _STRATEGY = flags.DEFINE_enum("strategy", "mirrored",
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this "
                                     "many logical devices (0: do not).")
 flags.mark_flag_as_required("workdir")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags_parser: a bad flag value exits 2 with one line, as start."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    program = os.path.basename(argv[0]).removesuffix(".py")
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 def start(argv, program: str, phase: str):
