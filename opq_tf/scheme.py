@@ -9,10 +9,7 @@ the layers of the plan are wrapped, each with its explicit `OPQQuantizeConfig`.
         annotated_model, scheme=OPQQuantizeScheme())
 """
 
-from typing import Mapping, Optional
-
 from opq_tf._keras import tfmot
-from opq_tf.quantize_configs import OPQQuantizeConfig
 
 _tfmot_keras = tfmot.quantization.keras
 
@@ -25,36 +22,27 @@ class OPQLayoutTransform(_tfmot_keras.QuantizeLayoutTransform):
 
 
 class OPQQuantizeRegistry(_tfmot_keras.QuantizeRegistry):
-  """Knows only the configs it is given (by layer name); supports nothing else.
+  """Supports no layer: every planned layer arrives with its own config.
 
   `quantize_apply` asks the registry about the unannotated layers that feed an
   annotated one (to quantize their outputs); answering "not supported" keeps
   every layer outside the plan untouched and FP32.
   """
 
-  def __init__(self, configs: Optional[Mapping[str, OPQQuantizeConfig]] = None):
-    self._configs = dict(configs or {})
-
   def supports(self, layer) -> bool:
-    return layer.name in self._configs
+    return False
 
   def get_quantize_config(self, layer):
-    if layer.name not in self._configs:
-      raise ValueError(
-          f"Layer {layer.name!r} is not in the OPQ plan; annotate it with an "
-          "OPQQuantizeConfig (opq_tf.apply does) or leave it unannotated."
-      )
-    return self._configs[layer.name]
+    raise ValueError(
+        f"Layer {layer.name!r} is not in the OPQ plan; annotate it with an "
+        "OPQQuantizeConfig (opq_tf.apply does) or leave it unannotated.")
 
 
 class OPQQuantizeScheme(_tfmot_keras.QuantizeScheme):
-  """No layout transforms and a registry that knows only the plan's layers."""
-
-  def __init__(self, configs: Optional[Mapping[str, OPQQuantizeConfig]] = None):
-    self._configs = dict(configs or {})
+  """No layout transforms and a registry that adds nothing to the plan."""
 
   def get_layout_transformer(self):
     return OPQLayoutTransform()
 
   def get_quantize_registry(self):
-    return OPQQuantizeRegistry(self._configs)
+    return OPQQuantizeRegistry()
