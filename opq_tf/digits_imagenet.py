@@ -33,7 +33,6 @@ Usage:
   python -m opq_tf.digits_imagenet --manual_dir=/tmp/digits_manual
 """
 
-import importlib.util
 import io
 import os
 import tarfile
@@ -45,41 +44,18 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
+from opq_tf import imagenet_files
+from opq_tf.imagenet_files import TRAIN_TAR, VAL_TAR
+
 NUM_CLASSES = 10
 MAX_VAL_PER_CLASS = 50  # validation_labels.txt holds 50 images per synset.
 _JPEG_QUALITY = 95
 _MTIME = 1325376000  # 2012-01-01, fixed so that the tars are byte-reproducible.
 
 
-def _tfds_imagenet_file(name: str) -> str:
-  """Path of a file bundled with TFDS's imagenet2012 builder (no TF import)."""
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.submodule_search_locations:
-    raise ImportError(
-        "tensorflow_datasets is not installed; it ships the ImageNet label "
-        "files. Install it with `pip install -r requirements.txt`."
-    )
-  root = list(spec.submodule_search_locations)[0]
-  return os.path.join(root, "datasets", "imagenet2012", name)
-
-
-def imagenet_synsets() -> list[str]:
-  """The 1000 synset ids in TFDS label order (label i = labels.txt line i)."""
-  with open(_tfds_imagenet_file("labels.txt")) as f:
-    return f.read().split()
-
-
-def validation_synsets() -> list[str]:
-  """50 000 synsets; position k - 1 is that of ILSVRC2012_val_{k:08d}.JPEG."""
-  with open(_tfds_imagenet_file("validation_labels.txt")) as f:
-    return f.read().split()
-
-
 def digit_synsets() -> list[str]:
   """The synsets digits 0..9 are filed under: the first ten in label order."""
-  return imagenet_synsets()[:NUM_CLASSES]
+  return imagenet_files.synsets()[:NUM_CLASSES]
 
 
 def render_digit(digit_image: np.ndarray, image_size: int) -> np.ndarray:
@@ -121,7 +97,7 @@ def digit_assignment(
     )
   targets = load_digits().target
   synsets = digit_synsets()
-  val_synsets = validation_synsets()
+  val_synsets = imagenet_files.validation_synsets()
   train: dict[str, dict[str, int]] = {}
   val: dict[str, int] = {}
   for digit, synset in enumerate(synsets):

@@ -42,11 +42,11 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from opq_tf import imagenet_files
 from opq_tf._keras import tf
+from opq_tf.imagenet_files import TRAIN_TAR, VAL_TAR
 
 DATASET_NAME = "imagenet2012"
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
 TEST_TAR = "ILSVRC2012_img_test.tar"
 
 # The standard ImageNet eval crop: a 224 crop of a 256 resize (crop_padding=32
@@ -134,7 +134,7 @@ def check_manual_dir(manual_dir: str) -> None:
           f"{expected} are expected",
       )
     if name == TRAIN_TAR:
-      synsets = set(_label_names())
+      synsets = set(imagenet_files.synsets())
       unknown = sorted(n[:-4] for n in names if n[:-4] not in synsets)
       if unknown:
         raise _manual_dir_error(
@@ -144,18 +144,11 @@ def check_manual_dir(manual_dir: str) -> None:
         )
 
 
-def _label_names() -> list[str]:
-  path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
-  with tf.io.gfile.GFile(os.fspath(path)) as f:
-    return f.read().split()
-
-
 def validation_label_table() -> np.ndarray:
   """int32 [50000]: label of ILSVRC2012_val_{k:08d}.JPEG at position k - 1."""
-  index = {synset: i for i, synset in enumerate(_label_names())}
-  path = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
-  with tf.io.gfile.GFile(os.fspath(path)) as f:
-    return np.array([index[s] for s in f.read().split()], np.int32)
+  index = {synset: i for i, synset in enumerate(imagenet_files.synsets())}
+  return np.array([index[s] for s in imagenet_files.validation_synsets()],
+                  np.int32)
 
 
 def _builder(data_dir: str) -> tfds.core.DatasetBuilder:
