@@ -137,23 +137,20 @@ def _serving_function(model: keras.Model, serving_fn, input_signature):
 
 
 def _packed_entries(entries, stripped: keras.Model, names_by_id: dict):
-  """PackedEntry per compressed kernel, codes read off the stripped weights.
+  """PackedEntry per compressed kernel, checked against the stripped weights.
 
-  Codes are round(w / step) of the stripped kernel, and the result is checked
-  to reproduce that kernel exactly, so the packed file rebuilds strip(model)
-  bit for bit.
+  The codes are the wrapped model's own (mask * clip(round(w / step))); the
+  check that they reproduce strip(model)'s kernel exactly is what makes the
+  packed file rebuild it bit for bit.
   """
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(stripped)}
   packed = []
   for entry in entries:
     variable = getattr(by_name[entry.layer_name], entry.weight)
-    value = np.asarray(variable.numpy())
-    step = np.float32(entry.step)
-    codes = np.round(value.astype(np.float64) / np.float64(step))
     packed_entry = packing.PackedEntry(
-        name=names_by_id[id(variable)], bits=entry.bits, step=float(step),
-        mask=entry.mask, codes=(codes * entry.mask).astype(np.int32))
-    if not np.array_equal(packed_entry.values(), value):
+        name=names_by_id[id(variable)], bits=entry.bits,
+        step=float(np.float32(entry.step)), mask=entry.mask, codes=entry.codes)
+    if not np.array_equal(packed_entry.values(), variable.numpy()):
       raise ValueError(
           f"The stripped kernel {entry.key!r} is not mask * step * code; the "
           "model's weights were changed outside OPQ after apply. Re-run "
@@ -168,10 +165,9 @@ def _report(model: keras.Model, entries, packed, rest: dict,
   layer_reports = []
   total_weights = kept_weights = entropy_bits = weight_bits = 0.0
   for entry, packed_entry in zip(entries, packed):
-    symbols = packed_entry.symbols()
-    entropy = packing.empirical_entropy_bits(
-        symbols, packing.alphabet_size(entry.bits))
-    size = int(symbols.size)
+    counts = stats.entry_counts[packed_entry.name]
+    entropy = packing.entropy_from_counts(counts)
+    size = int(counts.sum())
     kept = int(entry.mask.sum())
     total_weights += size
     kept_weights += kept

@@ -259,13 +259,14 @@ class PackedEntry:
 
 @dataclasses.dataclass(frozen=True)
 class PackStats:
-  """What write_packed wrote: sizes in bytes, coded bits per entry."""
+  """What write_packed wrote: sizes in bytes; per entry coded bits and counts."""
 
   file_bytes: int
   header_bytes: int
   coded_bytes: int
   rest_bytes: int
   entry_coded_bits: dict[str, int]
+  entry_counts: dict[str, np.ndarray]
 
 
 def _varint(value: int) -> bytes:
@@ -382,7 +383,8 @@ def write_packed(path: str | os.PathLike, entries: Sequence[PackedEntry],
       header_bytes=len(data) - len(coded) - sum(a.nbytes for a in rest_arrays),
       coded_bytes=len(coded),
       rest_bytes=sum(a.nbytes for a in rest_arrays),
-      entry_coded_bits={e.name: b for e, b in zip(entries, bits)})
+      entry_coded_bits={e.name: b for e, b in zip(entries, bits)},
+      entry_counts={e.name: c for e, (_, c) in zip(entries, streams)})
 
 
 def read_packed(
