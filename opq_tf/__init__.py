@@ -17,7 +17,7 @@ import os as _os
 # tfmot 0.8 works only with Keras 2; this must be set before TensorFlow loads.
 _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from opq_tf.allocation import CompressionPlan, LayerPlan, allocate  # noqa: E402
+from opq_tf.allocation import CompressionPlan, KernelPlan, allocate  # noqa: E402
 
 _LAZY = {
     "apply": "opq_tf.wrapping",
@@ -27,7 +27,7 @@ _LAZY = {
     "load_packed": "opq_tf.exporting",
 }
 
-__all__ = ["CompressionPlan", "LayerPlan", "allocate", *_LAZY]
+__all__ = ["CompressionPlan", "KernelPlan", "allocate", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,21 +1,34 @@
-"""One-shot allocation of pruning thresholds and quantization steps (method doc B).
+"""One-shot allocation of pruning thresholds and quantization steps (docs/method.md).
 
 Pure NumPy: the allocation reads and tests without TensorFlow. Given the
 pre-trained kernels, a global pruning rate p and a bit-width B, it returns a
-`CompressionPlan` with one (threshold, step) per kernel:
+`CompressionPlan` with one threshold and one step (or one step per output
+channel) per kernel.
 
-- "opq" (default): minimise Σ_i n_i e_i(t_i, Δ_i) subject to
-  Σ_i #{|w_i| < t_i} = p·Σ_i n_i. A Lagrange multiplier μ splits this into
-  independent per-layer problems min e_i - μ·P_i, each a scaled copy of the
-  unit problem solved once in `laplace.unit_table`; μ is found by bisection on
-  the *realised* pruned count, so the global rate is met on the actual weights.
-- "uniform": the same pruning rate p in every layer.
-- "global_magnitude": one magnitude threshold for all layers.
+Methods (how the thresholds are chosen):
+- "opq" (default): a Lagrange multiplier μ splits the constrained problem
+  into independent per-kernel problems, each a scaled copy of the unit problem
+  solved once in `laplace.unit_table`; μ is found by a 1-D search on the
+  *realised* pruned count, so the global rate is met on the actual weights.
+  The objective is either
+  - "per_kernel" (default, method doc D.2): Σ_i e_i / σ_i², each kernel's
+    relative error counted once whatever its size, or
+  - "total" (the paper's reading, B.4): Σ_i n_i e_i, which on real weights
+    behaves like global magnitude pruning;
+  both subject to Σ_i #{|w_i| < t_i} = p·Σ_i n_i.
+- "uniform": the same pruning rate p in every kernel.
+- "global_magnitude": one magnitude threshold for all kernels.
 
-Then each layer's single step Δ_i is chosen for its threshold: either from the
-layer's Laplace fit ("layer") or, by default, the unified channel-wise step
-("channel", B.5) that minimises the summed expected error of all output
-channels, each with its own Laplace scale.
+Steps, for each kernel's threshold:
+- step_granularity "channel" (default, D.4): one step per output channel,
+  each the optimum for its channel's own Laplace scale; every stored step is
+  counted as 32 bits in every ratio.
+- step_granularity "kernel": the paper's single shared step, chosen from the
+  kernel's Laplace fit (step_stats "layer") or as the unified channel-wise step
+  (step_stats "channel", B.5) minimising the summed expected error of all
+  output channels, each with its own Laplace scale.
+The defaults were chosen by measurement on real ImageNet weights
+(docs/benchmarks.md, benchmarks/pretrained.py).
 """
 
 from __future__ import annotations
@@ -24,33 +37,45 @@ import collections.abc
 import dataclasses
 import json
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 import warnings
 
 import numpy as np
 
+from opq_tf import grid
 from opq_tf import laplace
 
-STRATEGIES = ("opq", "uniform", "global_magnitude")
+METHODS = ("opq", "uniform", "global_magnitude")
+OBJECTIVES = ("per_kernel", "total")
+STEP_GRANULARITIES = ("channel", "kernel")
 STEP_STATS = ("channel", "layer")
 _OVERRIDE_OPTIONS = ("skip", "bits", "min_kept")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+
+Step = Union[float, tuple[float, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerPlan:
-  """The allocation of one kernel. Errors are expected squared error per weight."""
+class KernelPlan:
+  """The allocation of one kernel. Errors are expected squared error per weight.
+
+  `step` is a float (kernel granularity) or a tuple of floats, one per output
+  channel, in C order over `channel_axes` (channel granularity).
+  `mean_square` is σ² = mean(w²), the scale of the per-kernel objective.
+  """
 
   name: str
   weight: str
   kind: str
   shape: tuple[int, ...]
   size: int
+  channel_axes: tuple[int, ...]
   laplace_scale: float
+  mean_square: float
   threshold: float
   pruning_rate: float
   modelled_pruning_rate: float
-  step: float
+  step: Step
   bits: int
   modelled_error: float
   kept: int
@@ -59,25 +84,36 @@ class LayerPlan:
   def key(self) -> str:
     return f"{self.name}/{self.weight}"
 
+  @property
+  def step_count(self) -> int:
+    """How many FP32 steps this kernel stores."""
+    return len(self.step) if isinstance(self.step, tuple) else 1
+
+  def step_array(self) -> np.ndarray:
+    """The step as float32, shape () or the channel axes' shape."""
+    return grid.step_array(self.step, self.shape, self.channel_axes)
+
 
 @dataclasses.dataclass(frozen=True)
 class CompressionPlan:
   """Per-kernel thresholds and steps, plus the request that produced them."""
 
-  strategy: str
+  method: str
+  objective: str
+  step_granularity: str
   step_stats: str
   target_pruning_rate: float
   bits: int
-  layers: list[LayerPlan]
+  kernels: list[KernelPlan]
   skipped: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def total_weights(self) -> int:
-    return sum(layer.size for layer in self.layers)
+    return sum(kernel.size for kernel in self.kernels)
 
   @property
   def kept_weights(self) -> int:
-    return sum(layer.kept for layer in self.layers)
+    return sum(kernel.kept for kernel in self.kernels)
 
   @property
   def realised_pruning_rate(self) -> float:
@@ -85,17 +121,24 @@ class CompressionPlan:
 
   @property
   def modelled_error(self) -> float:
-    """Σ_i n_i e_i: the objective the "opq" strategy minimises."""
-    return sum(layer.size * layer.modelled_error for layer in self.layers)
+    """Σ_i n_i e_i: the modelled total squared error ("total" objective)."""
+    return sum(kernel.size * kernel.modelled_error for kernel in self.kernels)
+
+  @property
+  def modelled_relative_error(self) -> float:
+    """Σ_i e_i / σ_i²: the "per_kernel" objective."""
+    return sum(kernel.modelled_error / kernel.mean_square
+               for kernel in self.kernels)
 
   @property
   def weight_bits_ratio(self) -> float:
-    """32·Σn / Σ(kept·B + 32): the papers' compression figure (one FP32 step each)."""
-    coded = sum(layer.kept * layer.bits + 32 for layer in self.layers)
-    return 32.0 * self.total_weights / coded
+    """32·Σn / Σ(kept·B + 32·steps): the papers' figure, every step counted."""
+    return grid.weight_bits_ratio(
+        [k.size for k in self.kernels], [k.kept for k in self.kernels],
+        [k.bits for k in self.kernels], [k.step_count for k in self.kernels])
 
-  def by_key(self) -> dict[str, LayerPlan]:
-    return {layer.key: layer for layer in self.layers}
+  def by_key(self) -> dict[str, KernelPlan]:
+    return {kernel.key: kernel for kernel in self.kernels}
 
   def to_json(self) -> str:
     data = dataclasses.asdict(self)
@@ -106,6 +149,7 @@ class CompressionPlan:
         "realised_pruning_rate": self.realised_pruning_rate,
         "weight_bits_ratio": self.weight_bits_ratio,
         "modelled_error": self.modelled_error,
+        "modelled_relative_error": self.modelled_relative_error,
     }
     return json.dumps(data, indent=1)
 
@@ -115,37 +159,50 @@ class CompressionPlan:
     if data.get("format_version") != _FORMAT_VERSION:
       raise ValueError(
           f"Compression plan format {data.get('format_version')!r} is not "
-          f"{_FORMAT_VERSION}; recompute the plan with opq_tf.allocate.")
+          f"{_FORMAT_VERSION} (this opq_tf's); recompute the plan with "
+          "opq_tf.allocate (e.g. delete the workdir's plan.json and rerun).")
     data.pop("format_version")
     data.pop("totals")
-    layers = [
-        LayerPlan(**{**layer, "shape": tuple(layer["shape"])})
-        for layer in data.pop("layers")
+    kernels = [
+        KernelPlan(**{
+            **kernel,
+            "shape": tuple(kernel["shape"]),
+            "channel_axes": tuple(kernel["channel_axes"]),
+            "step": (tuple(kernel["step"]) if isinstance(kernel["step"], list)
+                     else kernel["step"]),
+        })
+        for kernel in data.pop("kernels")
     ]
-    return cls(layers=layers, **data)
+    return cls(kernels=kernels, **data)
 
   def table(self) -> str:
-    """A printable per-layer table with totals."""
-    header = ("layer", "kind", "shape", "size", "b", "threshold", "pruned",
+    """A printable per-kernel table with totals."""
+    header = ("kernel", "kind", "shape", "size", "b", "threshold", "pruned",
               "modelled", "step", "bits", "mse")
     rows = [header]
-    for layer in self.layers:
+    for kernel in self.kernels:
+      steps = np.atleast_1d(np.asarray(kernel.step))
+      step = (f"{steps[0]:.3g}" if steps.size == 1 else
+              f"{np.median(steps):.3g}~{steps.size}")
       rows.append((
-          layer.key, layer.kind, "x".join(map(str, layer.shape)),
-          str(layer.size), f"{layer.laplace_scale:.3g}",
-          f"{layer.threshold:.3g}", f"{layer.pruning_rate:.2%}",
-          f"{layer.modelled_pruning_rate:.2%}", f"{layer.step:.3g}",
-          str(layer.bits), f"{layer.modelled_error:.3g}"))
+          kernel.key, kernel.kind, "x".join(map(str, kernel.shape)),
+          str(kernel.size), f"{kernel.laplace_scale:.3g}",
+          f"{kernel.threshold:.3g}", f"{kernel.pruning_rate:.2%}",
+          f"{kernel.modelled_pruning_rate:.2%}", step,
+          str(kernel.bits), f"{kernel.modelled_error:.3g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    method = (f"opq/{self.objective}" if self.method == "opq" else self.method)
     lines.append(
-        f"{self.strategy}/{self.step_stats}: {len(self.layers)} kernels, "
+        f"{method}, {self.step_granularity} steps: {len(self.kernels)} kernels, "
         f"{self.total_weights} weights, pruned {self.realised_pruning_rate:.2%} "
         f"(target {self.target_pruning_rate:.2%}), weight-bits ratio "
         f"{self.weight_bits_ratio:.2f}x"
-        + (f", FP32: {', '.join(self.skipped)}" if self.skipped else ""))
+        + (f", FP32: {', '.join(self.skipped)}" if self.skipped else "")
+        + ("" if self.step_granularity == "kernel" else
+           "; 'step' shows the median of the channel steps ~ their count"))
     return "\n".join(lines)
 
 
@@ -155,12 +212,14 @@ class _Kernel:
   weight: str
   kind: str
   values: np.ndarray
+  channel_axes: tuple[int, ...]
   bits: int
   min_kept: float = 0.0
 
   def __post_init__(self):
     self.magnitudes = np.abs(self.values).ravel()
     self.scale = float(self.magnitudes.mean(dtype=np.float64))
+    self.mean_square = float(np.mean(np.square(self.magnitudes, dtype=np.float64)))
     # The most weights min_kept allows to prune, and the threshold that prunes
     # exactly that many (everything if min_kept is 0).
     self.max_pruned = int(math.floor((1.0 - self.min_kept) * self.size + 1e-9))
@@ -175,12 +234,13 @@ class _Kernel:
     return self.magnitudes.size
 
   def channel_scales(self) -> np.ndarray:
-    """Mean |w| per output channel (depthwise kernels: the last two axes)."""
-    shape = self.values.shape
-    channels = (int(np.prod(shape[-2:])) if self.weight == "depthwise_kernel"
-                and len(shape) >= 2 else shape[-1] if shape else 1)
-    magnitudes = self.magnitudes.reshape(-1, channels)
-    return magnitudes.mean(axis=0, dtype=np.float64)
+    """Mean |w| per output channel, in C order over the channel axes."""
+    channels = grid.channel_count(self.values.shape, self.channel_axes)
+    magnitudes = np.moveaxis(
+        np.abs(self.values),
+        [axis % self.values.ndim for axis in self.channel_axes],
+        range(self.values.ndim - len(self.channel_axes), self.values.ndim))
+    return magnitudes.reshape(-1, channels).mean(axis=0, dtype=np.float64)
 
   def pruned_count(self, threshold: float) -> int:
     return int(np.count_nonzero(self.magnitudes < threshold))
@@ -190,22 +250,31 @@ def allocate(
     model_or_kernels: Any,
     pruning_rate: float,
     bits: int,
-    strategy: str = "opq",
+    method: str = "opq",
+    *,
+    objective: str = "per_kernel",
+    step_granularity: str = "channel",
     step_stats: str = "channel",
     overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    **renamed: Any,
 ) -> CompressionPlan:
   """Solves every kernel's pruning threshold and quantization step in one shot.
 
   Args:
     model_or_kernels: a tf_keras model (its Conv2D, DepthwiseConv2D,
       SeparableConv2D, Dense and Conv1D kernels, plus registered layers), or a
-      mapping from name (optionally "layer/weight") to a kernel array.
+      mapping from name (optionally "layer/weight") to a kernel array, a
+      (kind, array) pair or a (kind, array, channel_axes) triple.
     pruning_rate: p in [0, 1), the fraction of all compressed weights pruned.
     bits: B in 2..8, the default bit-width of every kernel.
-    strategy: "opq", "uniform" or "global_magnitude" (module docstring).
-    step_stats: "channel" (unified channel-wise step) or "layer".
+    method: "opq", "uniform" or "global_magnitude" (module docstring).
+    objective: "per_kernel" or "total" (method "opq" only).
+    step_granularity: "channel" (one step per output channel) or "kernel".
+    step_stats: for kernel granularity, "channel" (unified channel-wise step)
+      or "layer".
     overrides: per layer name or "layer/weight" key, a dict of `skip` (leave
       FP32), `bits` (2..8) and `min_kept` (the least fraction kept, in [0, 1]).
+    **renamed: refused with the new name (`strategy` is now `method`).
 
   Returns:
     The CompressionPlan, with realised pruning rates on the given weights.
@@ -213,13 +282,23 @@ def allocate(
   Raises:
     ValueError / TypeError: on bad input, naming the problem and the fix.
   """
+  if "strategy" in renamed:
+    raise TypeError(
+        "allocate() no longer takes strategy=; the allocation method is "
+        f"method= (e.g. method={renamed['strategy']!r}). 'strategy' now only "
+        "means the tf.distribute strategy.")
+  if renamed:
+    raise TypeError(
+        f"allocate() got unexpected keyword argument(s) {sorted(renamed)}.")
   _check_pruning_rate(pruning_rate)
-  _check_bits(bits, "bits")
-  if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown strategy {strategy!r}; use one of {STRATEGIES}.")
-  if step_stats not in STEP_STATS:
-    raise ValueError(
-        f"Unknown step_stats {step_stats!r}; use one of {STEP_STATS}.")
+  grid.check_bits(bits, "bits")
+  for name, value, choices in (("method", method, METHODS),
+                               ("objective", objective, OBJECTIVES),
+                               ("step_granularity", step_granularity,
+                                STEP_GRANULARITIES),
+                               ("step_stats", step_stats, STEP_STATS)):
+    if value not in choices:
+      raise ValueError(f"Unknown {name} {value!r}; use one of {choices}.")
   named = _named_kernels(model_or_kernels)
   kernels, skipped = _apply_overrides(named, overrides or {}, bits)
   if not kernels:
@@ -227,9 +306,9 @@ def allocate(
         "Every compressible kernel was skipped by the overrides; leave at "
         "least one layer to compress.")
 
-  if strategy == "opq":
-    thresholds = _opq_thresholds(kernels, pruning_rate)
-  elif strategy == "uniform":
+  if method == "opq":
+    thresholds = _opq_thresholds(kernels, pruning_rate, objective)
+  elif method == "uniform":
     thresholds = [
         _threshold_pruning(k.magnitudes, round(pruning_rate * k.size))
         for k in kernels
@@ -241,16 +320,16 @@ def allocate(
     thresholds = [global_threshold] * len(kernels)
   thresholds = [min(t, k.threshold_cap) for t, k in zip(thresholds, kernels)]
 
-  layers = [
-      _plan_layer(kernel, threshold, step_stats)
+  plans = [
+      _plan_kernel(kernel, threshold, step_granularity, step_stats)
       for kernel, threshold in zip(kernels, thresholds)
   ]
-  _warn_about_emptied_kernels(layers)
-  return CompressionPlan(strategy, step_stats, float(pruning_rate), int(bits),
-                         layers, skipped)
+  _warn_about_emptied_kernels(plans)
+  return CompressionPlan(method, objective, step_granularity, step_stats,
+                         float(pruning_rate), int(bits), plans, skipped)
 
 
-def _warn_about_emptied_kernels(layers: list[LayerPlan]) -> None:
+def _warn_about_emptied_kernels(kernels: list[KernelPlan]) -> None:
   """Warns when a kernel keeps under 1% of its weights: its layer is nearly cut.
 
   That can be the optimum (a layer with a much smaller scale than the rest),
@@ -258,13 +337,13 @@ def _warn_about_emptied_kernels(layers: list[LayerPlan]) -> None:
   (e.g. barely trained from a uniform initialisation), so that the global rate
   empties it. Either way the user should know, and can bound it.
   """
-  for layer in layers:
-    if layer.kept < max(1, 0.01 * layer.size):
+  for kernel in kernels:
+    if kernel.kept < max(1, 0.01 * kernel.size):
       warnings.warn(
-          f"{layer.key} keeps {layer.kept} of {layer.size} weights "
-          f"({layer.pruning_rate:.2%} pruned), which nearly cuts its layer "
+          f"{kernel.key} keeps {kernel.kept} of {kernel.size} weights "
+          f"({kernel.pruning_rate:.2%} pruned), which nearly cuts its layer "
           "off; if that is not wanted, bound it with "
-          f"overrides={{'{layer.name}': {{'min_kept': 0.05}}}}.",
+          f"overrides={{'{kernel.name}': {{'min_kept': 0.05}}}}.",
           stacklevel=3)
 
 
@@ -279,31 +358,26 @@ def _check_pruning_rate(pruning_rate: Any) -> None:
         "fraction of weights pruned, e.g. 0.9 keeps one weight in ten.")
 
 
-def _check_bits(bits: Any, what: str) -> None:
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise TypeError(f"{what} must be an integer in 2..8, got {bits!r}.")
-  if not 2 <= bits <= 8:
-    raise ValueError(
-        f"{what} must be in 2..8, got {bits}: OPQ's grid needs at least the "
-        "levels -1, 0, +1 (2 bits); above 8 bits use ordinary FP32 or int8.")
-
-
-def _named_kernels(model_or_kernels: Any) -> list[tuple[str, str, str, np.ndarray]]:
-  """(layer name, weight, kind, values) for each compressible kernel."""
+def _named_kernels(model_or_kernels: Any) -> list[tuple]:
+  """(layer name, weight, kind, values, channel axes) per compressible kernel."""
   if isinstance(model_or_kernels, collections.abc.Mapping):
     items = []
     for key, value in model_or_kernels.items():
-      kind = "array"
-      if isinstance(value, tuple):
-        kind, value = value
       name, _, weight = str(key).rpartition("/")
-      items.append((name, weight, kind, value) if name
-                   else (weight, "kernel", kind, value))
+      if not name:
+        name, weight = weight, "kernel"
+      kind, axes = "array", grid.default_channel_axes(weight)
+      if isinstance(value, tuple) and len(value) == 3:
+        kind, value, axes = value
+      elif isinstance(value, tuple):
+        kind, value = value
+      items.append((name, weight, kind, value, tuple(axes)))
   elif hasattr(model_or_kernels, "layers"):
     from opq_tf import layers  # pylint: disable=g-import-not-at-top
 
-    items = [(key.rpartition("/")[0], key.rpartition("/")[2], kind, value)
-             for key, (kind, value)
+    items = [(*key.rsplit("/", 1), kernel.kind, kernel.values,
+              kernel.channel_axes)
+             for key, kernel
              in layers.compressible_kernels(model_or_kernels).items()]
   else:
     raise TypeError(
@@ -315,7 +389,7 @@ def _named_kernels(model_or_kernels: Any) -> list[tuple[str, str, str, np.ndarra
         "SeparableConv2D, Dense, Conv1D). Register your own layer types with "
         "opq_tf.register_layer, or compress a model that has such layers.")
   named = []
-  for name, weight, kind, value in items:
+  for name, weight, kind, value, axes in items:
     array = np.asarray(value, dtype=np.float32)
     if array.size == 0:
       raise ValueError(f"Kernel {name}/{weight} is empty; skip it in overrides.")
@@ -328,12 +402,15 @@ def _named_kernels(model_or_kernels: Any) -> list[tuple[str, str, str, np.ndarra
           f"Kernel {name}/{weight} is all zeros, so it has no weight "
           "distribution to fit; load the pre-trained weights first, or skip "
           f"it with overrides={{'{name}': {{'skip': True}}}}.")
-    named.append((name, weight, kind, array))
+    # A kernel with fewer axes than its channel axes (e.g. a 1-D array) has
+    # one channel per trailing axis it does have.
+    axes = tuple(axes[len(axes) - min(len(axes), array.ndim):])
+    named.append((name, weight, kind, array, axes))
   return named
 
 
 def _apply_overrides(
-    named: list[tuple[str, str, str, np.ndarray]],
+    named: list[tuple],
     overrides: Mapping[str, Mapping[str, Any]],
     bits: int,
 ) -> tuple[list[_Kernel], list[str]]:
@@ -349,18 +426,18 @@ def _apply_overrides(
           f"Unknown override option(s) {sorted(unknown)} for {target!r}; the "
           f"options are {_OVERRIDE_OPTIONS}.")
     if "bits" in options:
-      _check_bits(options["bits"], f"overrides[{target!r}]['bits']")
+      grid.check_bits(options["bits"], f"overrides[{target!r}]['bits']")
     min_kept = options.get("min_kept", 0.0)
     if not 0.0 <= min_kept <= 1.0:
       raise ValueError(
           f"overrides[{target!r}]['min_kept'] must be in [0, 1], got {min_kept}.")
   kernels, skipped = [], []
-  for name, weight, kind, values in named:
+  for name, weight, kind, values, axes in named:
     options = {**overrides.get(name, {}), **overrides.get(f"{name}/{weight}", {})}
     if options.get("skip", False):
       skipped.append(f"{name}/{weight}")
       continue
-    kernels.append(_Kernel(name, weight, kind, values,
+    kernels.append(_Kernel(name, weight, kind, values, axes,
                            int(options.get("bits", bits)),
                            float(options.get("min_kept", 0.0))))
   return kernels, skipped
@@ -376,22 +453,32 @@ def _threshold_pruning(magnitudes: np.ndarray, count: int) -> float:
   return float(np.partition(magnitudes, count)[count])
 
 
-def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float) -> list[float]:
+def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float,
+                    objective: str) -> list[float]:
   """Thresholds on the Lagrangian optimum whose realised global rate is p.
 
-  Every t_i(μ) = b_i · t'(μ / b_i²) is non-decreasing in μ, so the realised
-  pruned count is too, and a 1-D search on log μ meets the target count.
+  Kernel i with Laplace scale b_i has error e_i(t, Δ) = b_i² e'(t/b_i, Δ/b_i)
+  and pruned fraction P'(t/b_i), so its share of the Lagrangian is a scaled
+  unit problem min e' - λ_i·P' with
+    "total":      n_i e_i - μ n_i P_i          ->  λ_i = μ / b_i²,
+    "per_kernel": e_i / σ_i² - μ n_i P_i       ->  λ_i = μ n_i σ_i² / b_i².
+  Every t_i(μ) = b_i · t'(λ_i) is non-decreasing in μ, so the realised pruned
+  count is too, and a 1-D search on log μ meets the target count.
   """
   tables = [laplace.unit_table(k.bits) for k in kernels]
   scales = np.array([k.scale for k in kernels])
+  if objective == "total":
+    weights = 1.0 / scales**2
+  else:
+    weights = np.array([k.size * k.mean_square for k in kernels]) / scales**2
   total = sum(k.size for k in kernels)
   target = round(pruning_rate * total)
 
   def thresholds_at(log_mu: float) -> list[float]:
     return [
-        min(scale * float(table.solve(np.exp(log_mu) / scale**2)[0]),
+        min(scale * float(table.solve(np.exp(log_mu) * weight)[0]),
             kernel.threshold_cap)
-        for kernel, table, scale in zip(kernels, tables, scales)
+        for kernel, table, scale, weight in zip(kernels, tables, scales, weights)
     ]
 
   def pruned_at(log_mu: float) -> int:
@@ -403,13 +490,13 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float) -> list[float]:
 
   def modelled_pruned_at(log_mu: float) -> float:
     unit_thresholds = [
-        float(table.solve(np.exp(log_mu) / scale**2)[0])
-        for table, scale in zip(tables, scales)
+        float(table.solve(np.exp(log_mu) * weight)[0])
+        for table, weight in zip(tables, weights)
     ]
     return float(sizes @ laplace.unit_pruned_fraction(unit_thresholds))
 
-  low = min(math.log(t.multipliers[0] * s**2) for t, s in zip(tables, scales))
-  high = max(math.log(t.multipliers[-1] * s**2) for t, s in zip(tables, scales))
+  low = min(math.log(t.multipliers[0] / w) for t, w in zip(tables, weights))
+  high = max(math.log(t.multipliers[-1] / w) for t, w in zip(tables, weights))
   low, high = low - 1.0, high + 1.0
   for _ in range(60):
     middle = (low + high) / 2.0
@@ -443,39 +530,49 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float) -> list[float]:
   return thresholds_at(best_log_mu)
 
 
-def _plan_layer(kernel: _Kernel, threshold: float, step_stats: str) -> LayerPlan:
+def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
+                 step_stats: str) -> KernelPlan:
   scale, bits = kernel.scale, kernel.bits
   unit_threshold = threshold / scale
-  layer_step = scale * float(laplace.optimal_unit_step(unit_threshold, bits))
-  if step_stats == "layer":
-    step = layer_step
+  kernel_step = scale * float(laplace.optimal_unit_step(unit_threshold, bits))
+  channel_scales = kernel.channel_scales()
+  live = channel_scales[channel_scales > 0]
+  if step_granularity == "channel":
+    # Each channel's own optimum for the kernel's threshold; a channel of
+    # zeros (no scale) takes the kernel's step, which it never uses.
+    steps = np.full(channel_scales.shape, kernel_step)
+    steps[channel_scales > 0] = live * laplace.optimal_unit_step(
+        threshold / live, bits)
+    step = tuple(float(np.float32(s)) for s in steps)
+    errors = live**2 * laplace.unit_error(threshold / live,
+                                          steps[channel_scales > 0] / live, bits)
+    modelled_error = float(np.sum(errors)) / channel_scales.size
+  elif step_stats == "layer":
+    step = kernel_step
     modelled_error = scale**2 * float(
         laplace.unit_error(unit_threshold, step / scale, bits))
-    modelled_pruned = float(laplace.unit_pruned_fraction(unit_threshold))
   else:
-    channel_scales = kernel.channel_scales()
-    live = channel_scales[channel_scales > 0]
-
-    def channel_error(step: np.ndarray) -> np.ndarray:
-      step = np.asarray(step, dtype=np.float64)[..., None]
-      errors = laplace.unit_error(threshold / live, step / live, bits)
-      return np.sum(live**2 * errors, axis=-1)
-
     step = float(laplace.minimise_step(
         _grouped_channel_error(live, threshold, bits),
-        layer_step / 8.0, layer_step * 8.0))
-    modelled_error = float(channel_error(step)) / channel_scales.size
+        kernel_step / 8.0, kernel_step * 8.0))
+    errors = live**2 * laplace.unit_error(threshold / live, step / live, bits)
+    modelled_error = float(np.sum(errors)) / channel_scales.size
+  if step_granularity == "kernel" and step_stats == "layer":
+    modelled_pruned = float(laplace.unit_pruned_fraction(unit_threshold))
+  else:
     modelled_pruned = float(
         (np.sum(laplace.unit_pruned_fraction(threshold / live))
          + (channel_scales.size - live.size)) / channel_scales.size)
   pruned = kernel.pruned_count(threshold)
-  return LayerPlan(
+  return KernelPlan(
       name=kernel.name,
       weight=kernel.weight,
       kind=kernel.kind,
       shape=tuple(int(d) for d in kernel.values.shape),
       size=kernel.size,
+      channel_axes=kernel.channel_axes,
       laplace_scale=scale,
+      mean_square=kernel.mean_square,
       threshold=float(threshold),
       pruning_rate=pruned / kernel.size,
       modelled_pruning_rate=modelled_pruned,

@@ -11,14 +11,15 @@ The packed file holds no architecture: `load_packed` gets it from the caller
 fills the weights by name, so the rebuilt weights equal strip(qmodel)'s bit for
 bit.
 
-Weights are named `"<layer name>/<weight>"` (e.g. "conv1/kernel",
-"bn/moving_mean"), the same key as the compressed entries.
+Weights are named by `opq_tf.layers.weight_key` (e.g. "conv1/kernel",
+"bn/moving_mean"), the same key as the compressed kernels.
 
 Size figures in report.json, all over the whole model unless stated:
-- weight_bits_ratio = 32·Σn_i / Σ_i(kept_i·B_i + 32), over compressed kernels.
+- weight_bits_ratio = 32·Σn_i / Σ_i(kept_i·B_i + 32·steps_i), over compressed
+  kernels (steps_i = 1, or the output channels at "channel" granularity).
 - model_ratio = 4·(all parameters) / (bytes of model.opq on disk).
 - entropy_bound_bytes = (Σ_i n_i·H_i + 32·(FP32 rest parameters)) / 8,
-  H_i the empirical entropy of entry i's symbols (0 = pruned, c + K + 1 = code c).
+  H_i the empirical entropy of kernel i's symbols (0 = pruned, c + K + 1 = code c).
 - packed_over_bound = packed_bytes / entropy_bound_bytes.
 """
 
@@ -26,47 +27,37 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
 
+from opq_tf import files
+from opq_tf import grid
 from opq_tf import layers as layers_lib
 from opq_tf import packing
 from opq_tf._keras import keras, tf
-from opq_tf.wrapping import compressed_entries, strip
+from opq_tf.wrapping import compressed_kernels, strip
 
 SAVED_MODEL_DIR = "saved_model"
 REPORT_FILE = "report.json"
 PACKED_FILE = "model.opq"
 
 
-def _weight_name(layer: keras.layers.Layer, variable) -> str:
-  """"<layer name>/<weight path inside the layer>", e.g. "mha/query/kernel"."""
-  name = variable.name.rsplit(":", 1)[0]
-  prefix = f"{layer.name}/"
-  if name.startswith(prefix):
-    return name
-  if f"/{prefix}" in name:
-    return prefix + name.split(f"/{prefix}", 1)[1]
-  return prefix + name.rsplit("/", 1)[-1]
-
-
 def named_weights(model: keras.Model) -> dict[str, Any]:
-  """Maps weight name -> variable for every weight of `model`, in model order.
+  """Maps `layers.weight_key` -> variable for every weight of `model`, in order.
 
   Raises:
     ValueError: two weights get the same name.
   """
   named, seen = {}, set()
   for layer in layers_lib.iter_layers(model):
+    keys = layers_lib.weight_keys(layer)
     for variable in layer.weights:
       if id(variable) in seen:
         continue
       seen.add(id(variable))
-      name = _weight_name(layer, variable)
+      name = keys.get(id(variable)) or layers_lib.weight_key(layer, variable)
       if name in named:
         raise ValueError(
             f"Two weights of model {model.name!r} are both named {name!r}; "
@@ -136,8 +127,8 @@ def _serving_function(model: keras.Model, serving_fn, input_signature):
         "a dict of tensors using TensorFlow ops.") from error
 
 
-def _packed_entries(entries, stripped: keras.Model, names_by_id: dict):
-  """PackedEntry per compressed kernel, checked against the stripped weights.
+def _packed_kernels(kernels, stripped: keras.Model, names_by_id: dict):
+  """PackedKernel per compressed kernel, checked against the stripped weights.
 
   The codes are the wrapped model's own (mask * clip(round(w / step))); the
   check that they reproduce strip(model)'s kernel exactly is what makes the
@@ -145,53 +136,57 @@ def _packed_entries(entries, stripped: keras.Model, names_by_id: dict):
   """
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(stripped)}
   packed = []
-  for entry in entries:
-    variable = getattr(by_name[entry.layer_name], entry.weight)
-    packed_entry = packing.PackedEntry(
-        name=names_by_id[id(variable)], bits=entry.bits,
-        step=float(np.float32(entry.step)), mask=entry.mask, codes=entry.codes)
-    if not np.array_equal(packed_entry.values(), variable.numpy()):
+  for kernel in kernels:
+    variable = getattr(by_name[kernel.layer_name], kernel.weight)
+    packed_kernel = packing.PackedKernel(
+        name=names_by_id[id(variable)], bits=kernel.bits, step=kernel.step,
+        mask=kernel.mask, codes=kernel.codes)
+    if not np.array_equal(packed_kernel.values(), variable.numpy()):
       raise ValueError(
-          f"The stripped kernel {entry.key!r} is not mask * step * code; the "
+          f"The stripped kernel {kernel.key!r} is not mask * step * code; the "
           "model's weights were changed outside OPQ after apply. Re-run "
           "opq_tf.apply (or finetune only through the wrapped model).")
-    packed.append(packed_entry)
+    packed.append(packed_kernel)
   return packed
 
 
-def _report(model: keras.Model, entries, packed, rest: dict,
+def _report(model: keras.Model, kernels, packed, rest: dict,
             stats: packing.PackStats) -> dict:
-  """report.json contents: plan, totals and per-layer realised figures."""
-  layer_reports = []
-  total_weights = kept_weights = entropy_bits = weight_bits = 0.0
-  for entry, packed_entry in zip(entries, packed):
-    counts = stats.entry_counts[packed_entry.name]
+  """report.json contents: plan, totals and per-kernel realised figures."""
+  kernel_reports = []
+  total_weights = kept_weights = entropy_bits = 0.0
+  for kernel, packed_kernel in zip(kernels, packed):
+    counts = stats.kernel_counts[packed_kernel.name]
     entropy = packing.entropy_from_counts(counts)
     size = int(counts.sum())
-    kept = int(entry.mask.sum())
+    kept = int(kernel.mask.sum())
     total_weights += size
     kept_weights += kept
     entropy_bits += size * entropy
-    weight_bits += kept * entry.bits + 32
-    layer_reports.append({
-        "key": entry.key,
-        "kind": entry.kind,
-        "shape": list(entry.mask.shape),
+    kernel_reports.append({
+        "key": kernel.key,
+        "weight_name": packed_kernel.name,
+        "kind": kernel.kind,
+        "shape": list(kernel.mask.shape),
         "size": size,
         "kept": kept,
         "pruning_rate": 1.0 - kept / size,
-        "bits": entry.bits,
-        "step": packed_entry.step,
-        "threshold": entry.threshold,
+        "bits": kernel.bits,
+        "step": kernel.step.tolist(),
+        "steps": int(kernel.step.size),
+        "threshold": kernel.threshold,
         "entropy_bits_per_weight": entropy,
-        "coded_bytes": stats.entry_coded_bits[packed_entry.name] / 8,
+        "coded_bytes": stats.kernel_coded_bits[packed_kernel.name] / 8,
     })
   rest_parameters = int(sum(np.size(v) for v in rest.values()))
   all_parameters = int(total_weights) + rest_parameters
   entropy_bound_bytes = (entropy_bits + 32 * rest_parameters) / 8
   plan = getattr(model, "opq_plan", None)
   return {
-      "weight_bits_ratio": 32 * total_weights / weight_bits,
+      "weight_bits_ratio": grid.weight_bits_ratio(
+          [r["size"] for r in kernel_reports], [r["kept"] for r in kernel_reports],
+          [r["bits"] for r in kernel_reports],
+          [r["steps"] for r in kernel_reports]),
       "model_ratio": 4 * all_parameters / stats.file_bytes,
       "fp32_model_bytes": 4 * all_parameters,
       "packed_bytes": stats.file_bytes,
@@ -207,7 +202,7 @@ def _report(model: keras.Model, entries, packed, rest: dict,
       "kept_weights": int(kept_weights),
       "realised_pruning_rate": 1.0 - kept_weights / total_weights,
       "fp32_rest_parameters": rest_parameters,
-      "layers": layer_reports,
+      "kernels": kernel_reports,
       "plan": json.loads(plan.to_json()) if plan is not None else None,
       "files": {"saved_model": SAVED_MODEL_DIR, "packed": PACKED_FILE},
   }
@@ -247,39 +242,35 @@ def export(
   """
   directory = os.path.abspath(os.fspath(directory))
   _check_target(directory)
-  entries = compressed_entries(model)
+  kernels = compressed_kernels(model)
   stripped = strip(model)
   concrete = _serving_function(stripped, serving_fn, input_signature)
 
   names = named_weights(stripped)
   names_by_id = {id(variable): name for name, variable in names.items()}
-  packed = _packed_entries(entries, stripped, names_by_id)
-  packed_names = {entry.name for entry in packed}
+  packed = _packed_kernels(kernels, stripped, names_by_id)
+  packed_names = {kernel.name for kernel in packed}
   rest = {name: np.asarray(variable.numpy(), np.float32)
           for name, variable in names.items() if name not in packed_names}
 
-  parent, base = os.path.split(directory)
   created = []  # Parents this export creates, removed again on failure.
-  ancestor = parent
+  ancestor = os.path.dirname(directory)
   while not os.path.exists(ancestor):
     created.append(ancestor)
     ancestor = os.path.dirname(ancestor)
-  os.makedirs(parent, exist_ok=True)
-  temp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
-  os.mkdir(temp)
   try:
-    tf.saved_model.save(stripped, os.path.join(temp, SAVED_MODEL_DIR),
-                        signatures={"serving_default": concrete})
-    stats = packing.write_packed(os.path.join(temp, PACKED_FILE), packed, rest)
-    report = _report(model, entries, packed, rest, stats)
-    with open(os.path.join(temp, REPORT_FILE), "w") as f:
-      json.dump(report, f, indent=1)
-    _check_target(directory)
-    if os.path.isdir(directory):
-      os.rmdir(directory)
-    os.rename(temp, directory)
+    with files.atomic_path(directory) as temp:
+      os.mkdir(temp)
+      tf.saved_model.save(stripped, os.path.join(temp, SAVED_MODEL_DIR),
+                          signatures={"serving_default": concrete})
+      stats = packing.write_packed(os.path.join(temp, PACKED_FILE), packed,
+                                   rest)
+      report = _report(model, kernels, packed, rest, stats)
+      files.write_json(os.path.join(temp, REPORT_FILE), report)
+      _check_target(directory)
+      if os.path.isdir(directory):
+        os.rmdir(directory)
   except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
     for path in created:
       try:
         os.rmdir(path)
@@ -319,11 +310,6 @@ def _build(model_fn_or_architecture) -> keras.Model:
   return model
 
 
-def _listing(names, limit: int = 5) -> str:
-  names = sorted(names)
-  return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
-
-
 def load_packed(
     path: Union[str, os.PathLike],
     model_fn_or_architecture: Union[Callable[[], keras.Model], str, dict],
@@ -344,27 +330,19 @@ def load_packed(
     ValueError: the file is corrupt, or the model's weights do not match the
       file's by name and shape.
   """
-  entries, rest = packing.read_packed(path)
-  values = {entry.name: entry.values() for entry in entries}
-  values.update(rest)
   model = _build(model_fn_or_architecture)
   variables = named_weights(model)
-  missing = set(values) - set(variables)
-  extra = set(variables) - set(values)
-  if missing or extra:
-    raise ValueError(
-        f"Model {model.name!r} does not match {os.fspath(path)!r}: weights in "
-        f"the file but not the model: [{_listing(missing)}]; in the model but "
-        f"not the file: [{_listing(extra)}]. Pass the architecture that was "
-        "exported (same layers and layer names).")
-  wrong = [f"{name} {tuple(variables[name].shape)} vs file {values[name].shape}"
-           for name in variables
-           if tuple(variables[name].shape) != values[name].shape]
-  if wrong:
-    raise ValueError(
-        f"Model {model.name!r} does not match {os.fspath(path)!r}: weight "
-        f"shapes differ: {_listing(wrong)}. Pass the architecture that was "
-        "exported.")
+  # Names and shapes are checked against the model before any symbol is
+  # decoded, and the model's sizes bound what the file may declare.
+  expected = {name: tuple(v.shape) for name, v in variables.items()}
+  try:
+    kernels, rest = packing.read_packed(
+        path, expected_shapes=expected,
+        max_elements=sum(int(np.prod(s)) for s in expected.values()))
+  except ValueError as error:
+    raise ValueError(f"Model {model.name!r} cannot load it: {error}") from error
+  values = {kernel.name: kernel.values() for kernel in kernels}
+  values.update(rest)
   for name, variable in variables.items():
     variable.assign(values[name].astype(variable.dtype.as_numpy_dtype))
   return model

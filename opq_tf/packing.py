@@ -13,21 +13,23 @@ size 2K + 2 (C order):
 A kept weight whose code rounds to 0 (symbol K + 1) stays distinct from a
 pruned one, so mask and codes are both recovered exactly.
 
-Coding. Each entry's symbols are i.i.d. under a categorical model whose
-probabilities are the entry's own symbol counts (stored in the header as
+Coding. Each kernel's symbols are i.i.d. under a categorical model whose
+probabilities are the kernel's own symbol counts (stored in the header as
 integers). Encoder and decoder build the constriction model from the same
 integers (float64 of an integer is exact, `perfect=False` is deterministic), so
-their probability tables are bit-identical. All entries share one ANS stack
+their probability tables are bit-identical. All kernels share one ANS stack
 (`constriction.stream.stack.AnsCoder`): the coded size is within a few bytes of
-sum_i n_i * H_i, H_i the empirical entropy of entry i.
+sum_i n_i * H_i, H_i the empirical entropy of kernel i.
 
 File layout (all integers little-endian):
 
-    magic  b"OPQ\\x01"                       4 bytes
+    magic  b"OPQ\\x02"                       4 bytes
     crc32  of everything after this field   4 bytes
     varint header length, then the header (raw deflate):
-        varint n_entries, n_rest, n_words
-        per entry: name, shape, u8 bits, f32 step, 2K+2 varint symbol counts
+        varint n_kernels, n_rest, n_words
+        per kernel: name, shape, u8 bits, u8 number of channel axes A
+            (0: one step), f32 steps (1, or the product of the last A
+            dims of shape, C order), 2K+2 varint symbol counts
         per rest parameter: name, shape
     ANS words                               4 * n_words bytes (uint32)
     rest parameters, raw float32, in header order
@@ -47,17 +49,18 @@ from collections.abc import Mapping, Sequence
 import constriction
 import numpy as np
 
-MAGIC = b"OPQ\x01"
-_MAX_BITS = 16
+from opq_tf import files
+from opq_tf import grid
+
+MAGIC = b"OPQ\x02"  # The last byte is the format version.
+# Declared kernel elements that read_packed decodes at most, by default: a
+# run of one symbol codes to almost nothing, so the file size bounds nothing.
+DEFAULT_MAX_ELEMENTS = 1 << 27
 
 
 def max_code(bits: int) -> int:
   """K = 2**(bits-1) - 1, the largest code magnitude of a B-bit grid."""
-  if not isinstance(bits, (int, np.integer)) or not 2 <= bits <= _MAX_BITS:
-    raise ValueError(
-        f"bits must be an integer in [2, {_MAX_BITS}], got {bits!r}; pass the "
-        "bit-width the entry was quantized with.")
-  return 2 ** (int(bits) - 1) - 1
+  return grid.max_code(grid.check_bits(bits))
 
 
 def alphabet_size(bits: int) -> int:
@@ -67,7 +70,7 @@ def alphabet_size(bits: int) -> int:
 
 def symbols_from_codes(mask: np.ndarray, codes: np.ndarray,
                        bits: int) -> np.ndarray:
-  """Flattened (C order) int32 symbols of one entry.
+  """Flattened (C order) int32 symbols of one kernel.
 
   Args:
     mask: bool array, True where the weight is kept.
@@ -231,16 +234,17 @@ def decode_symbols(data: bytes, counts: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class PackedEntry:
+class PackedKernel:
   """One compressed kernel: value = mask * step * codes (float32).
 
-  `name` is the weight name the reader matches (e.g. "conv1/kernel"); `step`
-  is stored as float32.
+  `name` is the weight key the reader matches (e.g. "conv1/kernel"); `step`
+  is a float32 array of shape () or the kernel's last `len(step.shape)` dims
+  (one step per output channel).
   """
 
   name: str
   bits: int
-  step: float
+  step: np.ndarray
   mask: np.ndarray
   codes: np.ndarray
 
@@ -253,20 +257,19 @@ class PackedEntry:
 
   def values(self) -> np.ndarray:
     """float32 kernel: float32(step) * float32(code) where kept, else 0."""
-    values = np.float32(self.step) * self.codes.astype(np.float32)
-    return np.where(self.mask, values, np.float32(0)).astype(np.float32)
+    return grid.dequantize(np.where(self.mask, self.codes, 0), self.step)
 
 
 @dataclasses.dataclass(frozen=True)
 class PackStats:
-  """What write_packed wrote: sizes in bytes; per entry coded bits and counts."""
+  """What write_packed wrote: sizes in bytes; per kernel coded bits and counts."""
 
   file_bytes: int
   header_bytes: int
   coded_bytes: int
   rest_bytes: int
-  entry_coded_bits: dict[str, int]
-  entry_counts: dict[str, np.ndarray]
+  kernel_coded_bits: dict[str, int]
+  kernel_counts: dict[str, np.ndarray]
 
 
 def _varint(value: int) -> bytes:
@@ -333,31 +336,36 @@ def _check_names(names: Sequence[str]) -> None:
     seen.add(name)
 
 
-def write_packed(path: str | os.PathLike, entries: Sequence[PackedEntry],
+def write_packed(path: str | os.PathLike, kernels: Sequence[PackedKernel],
                  rest: Mapping[str, np.ndarray]) -> PackStats:
   """Writes the packed file (via a temp file + rename) and returns its sizes.
 
   Args:
     path: destination file.
-    entries: compressed kernels, in the order they are stored.
+    kernels: compressed kernels, in the order they are stored.
     rest: every other parameter, name -> array, stored raw as float32.
 
   Returns:
-    PackStats with the on-disk size and per-entry coded bits.
+    PackStats with the on-disk size and per-kernel coded bits.
   """
-  _check_names([e.name for e in entries] + list(rest))
+  _check_names([e.name for e in kernels] + list(rest))
   streams, header = [], bytearray()
-  header += _varint(len(entries)) + _varint(len(rest))
-  entry_header = bytearray()
-  for entry in entries:
-    symbols = entry.symbols()
-    counts = symbol_counts(symbols, alphabet_size(entry.bits))
+  header += _varint(len(kernels)) + _varint(len(rest))
+  kernel_header = bytearray()
+  for kernel in kernels:
+    symbols = kernel.symbols()
+    counts = symbol_counts(symbols, alphabet_size(kernel.bits))
     streams.append((symbols, counts))
-    entry_header += _name_bytes(entry.name) + _shape_bytes(entry.shape)
-    entry_header += struct.pack("<Bf", entry.bits, np.float32(entry.step))
-    entry_header += b"".join(_varint(c) for c in counts)
+    kernel_header += _name_bytes(kernel.name) + _shape_bytes(kernel.shape)
+    step = np.asarray(kernel.step, dtype="<f4")
+    if step.shape != kernel.shape[len(kernel.shape) - step.ndim:]:
+      raise ValueError(
+          f"step shape {step.shape} of {kernel.name!r} is not () or the last "
+          f"dims of its shape {kernel.shape}; pass one step per output channel.")
+    kernel_header += struct.pack("<BB", kernel.bits, step.ndim) + step.tobytes()
+    kernel_header += b"".join(_varint(c) for c in counts)
   words, bits = encode_streams(streams)
-  header += _varint(words.size) + entry_header
+  header += _varint(words.size) + kernel_header
   rest_arrays = []
   for name, value in rest.items():
     value = np.asarray(value)
@@ -369,38 +377,50 @@ def write_packed(path: str | os.PathLike, entries: Sequence[PackedEntry],
   body = b"".join([_varint(len(packed_header)), packed_header, coded,
                    *(a.tobytes() for a in rest_arrays)])
   data = MAGIC + struct.pack("<I", zlib.crc32(body)) + body
-  path = os.fspath(path)
-  temp_path = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(temp_path, "wb") as f:
-      f.write(data)
-    os.replace(temp_path, path)
-  finally:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
+  files.atomic_write(path, data)
   return PackStats(
       file_bytes=os.path.getsize(path),
       header_bytes=len(data) - len(coded) - sum(a.nbytes for a in rest_arrays),
       coded_bytes=len(coded),
       rest_bytes=sum(a.nbytes for a in rest_arrays),
-      entry_coded_bits={e.name: b for e, b in zip(entries, bits)},
-      entry_counts={e.name: c for e, (_, c) in zip(entries, streams)})
+      kernel_coded_bits={e.name: b for e, b in zip(kernels, bits)},
+      kernel_counts={e.name: c for e, (_, c) in zip(kernels, streams)})
 
 
 def read_packed(
-    path: str | os.PathLike) -> tuple[list[PackedEntry], dict[str, np.ndarray]]:
+    path: str | os.PathLike,
+    *,
+    expected_shapes: Mapping[str, Sequence[int]] | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[list[PackedKernel], dict[str, np.ndarray]]:
   """Reads a file written by write_packed.
 
+  Every declared kernel is checked before a single symbol is decoded: a
+  hand-made header can declare a 40,000 x 40,000 kernel of one symbol in a
+  few bytes, and decoding it would allocate gigabytes.
+
+  Args:
+    path: the model.opq file.
+    expected_shapes: weight name -> shape of the model it is read for; each
+      declared kernel and rest parameter must be named here with this shape.
+    max_elements: refuse files whose kernels declare more elements in all.
+
   Returns:
-    (entries, rest): PackedEntry per compressed kernel in file order, and
+    (kernels, rest): PackedKernel per compressed kernel in file order, and
     name -> float32 array for every other parameter.
 
   Raises:
-    ValueError: the file is not an OPQ packed file, or is truncated/corrupt.
+    ValueError: the file is not an OPQ packed file, is truncated/corrupt, or
+      declares names, shapes or sizes outside the bounds.
   """
   with open(path, "rb") as f:
     data = f.read()
   fix = f"re-export the model to rebuild {os.fspath(path)!r}"
+  if len(data) >= 4 and data[:3] == MAGIC[:3] and data[:4] != MAGIC:
+    raise ValueError(
+        f"{os.fspath(path)!r} is a packed file of format version {data[3]}, "
+        f"not {MAGIC[3]} (this opq_tf's); re-export it with this version of "
+        "opq_tf.export.")
   if len(data) < 8 or data[:4] != MAGIC:
     raise ValueError(
         f"{os.fspath(path)!r} is not an OPQ packed file (bad magic); pass the "
@@ -415,17 +435,39 @@ def read_packed(
     outer = _Reader(body)
     header_length = outer.varint()
     header = _Reader(zlib.decompress(outer.take(header_length), -15))
-    n_entries, n_rest, n_words = (header.varint() for _ in range(3))
-    specs = []
-    for _ in range(n_entries):
+    n_kernels, n_rest, n_words = (header.varint() for _ in range(3))
+    specs, declared = [], 0
+    for _ in range(n_kernels):
       name, shape = header.name(), header.shape()
-      bits, step = struct.unpack("<Bf", header.take(5))
+      _check_declared(name, shape, expected_shapes, path)
+      declared += int(np.prod(shape, dtype=object))
+      if declared > max_elements:
+        raise _TooLarge(
+            f"{os.fspath(path)!r} declares more than {max_elements} kernel "
+            f"weights (at {name!r}, shape {shape}); if the model really is "
+            "that large, raise read_packed's max_elements.")
+      bits, axes = struct.unpack("<BB", header.take(2))
+      if axes > len(shape):
+        raise ValueError(f"{name!r} has {axes} channel axes but rank {len(shape)}")
+      step_shape = shape[len(shape) - axes:]
+      step = np.frombuffer(header.take(4 * int(np.prod(step_shape, dtype=np.int64))),
+                           dtype="<f4").astype(np.float32).reshape(step_shape)
       counts = np.array([header.varint() for _ in range(alphabet_size(bits))],
                         dtype=np.int64)
       if int(counts.sum()) != int(np.prod(shape)):
         raise ValueError(f"counts of {name!r} do not match its shape {shape}")
       specs.append((name, shape, bits, step, counts))
-    rest_specs = [(header.name(), header.shape()) for _ in range(n_rest)]
+    rest_specs = []
+    for _ in range(n_rest):
+      name, shape = header.name(), header.shape()
+      _check_declared(name, shape, expected_shapes, path)
+      rest_specs.append((name, shape))
+    if expected_shapes is not None:
+      missing = set(expected_shapes) - {s[0] for s in specs + rest_specs}
+      if missing:
+        raise _Mismatch(
+            f"the model has weights that {os.fspath(path)!r} does not: "
+            f"{_listing(missing)}; pass the architecture that was exported.")
     words = np.frombuffer(outer.take(4 * n_words), dtype="<u4")
     rest = {}
     for name, shape in rest_specs:
@@ -434,14 +476,46 @@ def read_packed(
           outer.take(4 * size), dtype="<f4").astype(np.float32).reshape(shape)
     if outer.pos != len(body):
       raise ValueError(f"{len(body) - outer.pos} unexpected trailing bytes")
+  except (_Mismatch, _TooLarge):
+    raise
   except (ValueError, zlib.error, UnicodeDecodeError, struct.error) as error:
     raise ValueError(
         f"{os.fspath(path)!r} is not a valid OPQ packed file ({error}); "
         f"{fix}.") from error
   streams = decode_streams(words, [spec[4] for spec in specs])
-  entries = []
+  kernels = []
   for (name, shape, bits, step, _), symbols in zip(specs, streams):
     mask, codes = codes_from_symbols(symbols, bits, shape)
-    entries.append(PackedEntry(name=name, bits=bits, step=float(step),
-                               mask=mask, codes=codes))
-  return entries, rest
+    kernels.append(PackedKernel(name=name, bits=bits, step=step, mask=mask,
+                                codes=codes))
+  return kernels, rest
+
+
+class _Mismatch(ValueError):
+  """The file's weights are not the model's (reported as they are)."""
+
+
+class _TooLarge(ValueError):
+  """The file declares more weights than the caller allows."""
+
+
+def _listing(names, limit: int = 5) -> str:
+  names = sorted(names)
+  return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def _check_declared(name: str, shape: tuple[int, ...],
+                    expected_shapes: Mapping[str, Sequence[int]] | None,
+                    path) -> None:
+  if expected_shapes is None:
+    return
+  if name not in expected_shapes:
+    raise _Mismatch(
+        f"{os.fspath(path)!r} holds weight {name!r}, which the model does not "
+        "have; pass the architecture that was exported (same layers and layer "
+        "names).")
+  if tuple(expected_shapes[name]) != tuple(shape):
+    raise _Mismatch(
+        f"{os.fspath(path)!r} declares {name!r} with shape {tuple(shape)}, "
+        f"the model has {tuple(expected_shapes[name])}; pass the architecture "
+        "that was exported.")

@@ -5,12 +5,13 @@ weight attribute (a SeparableConv2D has two). Activations stay FP32 unless
 `quantize_activations=True`, which quantizes the layer's output to 8 bits with
 tfmot's own `MovingAverageQuantizer` (asymmetric, per-tensor).
 
-The layer kinds and their weight attributes live in
-`opq_tf.layers.WEIGHT_ATTRS`; `register_layer` adds a user's layer class to it.
+The layer kinds, their weight attributes and channel axes live in
+`opq_tf.layers.KERNELS`; `register_layer` adds a user's layer class to it.
 """
 
-from typing import Sequence
+from typing import Mapping, Sequence, Union
 
+from opq_tf import grid
 from opq_tf import layers as layers_lib
 from opq_tf._keras import keras, tfmot
 from opq_tf.quantizers import OPQWeightQuantizer
@@ -19,16 +20,22 @@ _MovingAverageQuantizer = (
     tfmot.quantization.keras.quantizers.MovingAverageQuantizer)
 
 
-def register_layer(layer_class: type, weight_attrs: Sequence[str]) -> None:
+def register_layer(
+    layer_class: type,
+    weight_attrs: Union[Sequence[str], Mapping[str, Sequence[int]]],
+) -> None:
   """Makes OPQ compress `weight_attrs` of every layer of exactly `layer_class`.
 
   Each attribute must name a weight variable the layer creates in `build()` and
   reads back from the same attribute in `call()` (as Keras' own `self.kernel`),
   because the tfmot wrapper substitutes the compressed tensor through it.
 
-  The allocation fits a Laplace scale per output channel: a weight called
-  `"depthwise_kernel"` has its last two axes as channels (in x multiplier), any
-  other weight its last axis.
+  Each weight's *channel axes* are the trailing axes that index the layer's
+  output channels: the allocation fits one Laplace scale per channel, and
+  "channel" step granularity stores one step per channel. Give them as a
+  mapping attribute -> axes; a plain list of names means (-1,) each (the
+  last axis, as a Dense or Conv2D kernel), except that a weight called
+  "depthwise_kernel" gets (-2, -1) (in x multiplier, as DepthwiseConv2D).
 
   The class is also registered as a Keras serializable under package `opq_tf`
   (unless it already is), so wrapped models containing it clone, save and load.
@@ -38,13 +45,15 @@ def register_layer(layer_class: type, weight_attrs: Sequence[str]) -> None:
     ...
 
   opq_tf.register_layer(ScaledDense, ["kernel"])
+  opq_tf.register_layer(MyDepthwise, {"taps": (-2, -1)})
   qmodel = opq_tf.apply(model, pruning_rate=0.8, bits=4)
   ```
 
   Args:
     layer_class: a `keras.layers.Layer` subclass (matched exactly, not its
       subclasses).
-    weight_attrs: names of the weight attributes to compress.
+    weight_attrs: names of the weight attributes to compress, or a mapping
+      name -> channel axes (negative, trailing: (-1,) or (-2, -1)).
   """
   if not (isinstance(layer_class, type)
           and issubclass(layer_class, keras.layers.Layer)):
@@ -55,12 +64,24 @@ def register_layer(layer_class: type, weight_attrs: Sequence[str]) -> None:
   if isinstance(weight_attrs, str) or not weight_attrs:
     raise ValueError(
         f"weight_attrs={weight_attrs!r} must be a non-empty list of attribute "
-        'names, e.g. ["kernel"].'
+        'names, e.g. ["kernel"], or a mapping name -> channel axes.'
     )
+  if not isinstance(weight_attrs, Mapping):
+    weight_attrs = {attr: grid.default_channel_axes(attr)
+                    for attr in weight_attrs}
+  table = {}
+  for attr, axes in weight_attrs.items():
+    axes = tuple(axes)
+    if not axes or any(not isinstance(a, int) or a >= 0 for a in axes) or (
+        axes != tuple(range(-len(axes), 0))):
+      raise ValueError(
+          f"Channel axes {axes} of {layer_class.__name__}.{attr} must be the "
+          "trailing axes as negative numbers: (-1,) or (-2, -1).")
+    table[attr] = axes
   if keras.utils.get_registered_object(
       keras.utils.get_registered_name(layer_class)) is None:
     keras.utils.register_keras_serializable(package="opq_tf")(layer_class)
-  layers_lib.WEIGHT_ATTRS[layer_class] = tuple(weight_attrs)
+  layers_lib.KERNELS[layer_class] = table
 
 
 @keras.utils.register_keras_serializable(package="opq_tf")

@@ -1,7 +1,8 @@
 """The OPQ weight quantizer: a fixed mask and a fixed step per kernel.
 
-Forward, for a kernel `w` with mask `M` (same shape, 0/1), step `step` and
-`K = 2**(bits - 1) - 1`:
+Forward, for a kernel `w` with mask `M` (same shape, 0/1), step `step` (a
+scalar, or one per output channel laid out as the kernel's channel axes so that
+it broadcasts) and `K = 2**(bits - 1) - 1` (opq_tf/grid.py):
 
     w_hat = M * step * clip(round(w / step), -K, K)
 
@@ -12,6 +13,11 @@ they are saved in checkpoints and SavedModels and never recomputed
 (`opq_tf.apply` assigns them once from the plan and the pre-trained weights).
 """
 
+from typing import Sequence, Union
+
+import numpy as np
+
+from opq_tf import grid
 from opq_tf._keras import keras, tf, tfmot
 
 
@@ -33,32 +39,34 @@ class OPQWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
   ```
   """
 
-  def __init__(self, bits: int, step: float, threshold: float):
+  def __init__(self, bits: int, step: Union[float, Sequence[float]],
+               threshold: float,
+               channel_axes: Sequence[int] = grid.OUTPUT_CHANNEL):
     """Constructs the quantizer.
 
     Args:
       bits: bit-width B of a kept weight's code; codes are in [-K, K],
         K = 2**(B-1) - 1.
       step: quantization step (the plan's value; the initial value of the `step`
-        variable).
+        variable): a float, or one float per output channel in C order over
+        `channel_axes`.
       threshold: magnitude threshold t of the mask |w| >= t, kept for reference
         (the mask itself lives in the `mask` variable).
+      channel_axes: the kernel's output-channel axes, which a per-channel step
+        is laid out over.
     """
-    if int(bits) < 2:
-      raise ValueError(
-          f"bits={bits} leaves no nonzero level (K = 2**(bits-1) - 1 = 0); "
-          "use bits >= 2."
-      )
-    if not float(step) > 0:
+    self.bits = grid.check_bits(bits)
+    steps = np.asarray(step, dtype=np.float64)
+    if steps.size == 0 or not np.all(steps > 0):
       raise ValueError(f"step={step} must be > 0; take it from the plan.")
-    self.bits = int(bits)
-    self.step = float(step)
+    self.step = float(steps) if steps.ndim == 0 else [float(s) for s in steps]
     self.threshold = float(threshold)
+    self.channel_axes = tuple(int(axis) for axis in channel_axes)
 
   @property
   def max_code(self) -> int:
     """K = 2**(bits-1) - 1: the largest code magnitude."""
-    return 2 ** (self.bits - 1) - 1
+    return grid.max_code(self.bits)
 
   def build(self, tensor_shape, name, layer):
     mask = layer.add_weight(
@@ -68,11 +76,12 @@ class OPQWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         initializer=keras.initializers.Ones(),
         trainable=False,
     )
+    initial = grid.step_array(self.step, tuple(tensor_shape), self.channel_axes)
     step = layer.add_weight(
         f"{name}_step",
-        shape=(),
+        shape=initial.shape,
         dtype=tf.float32,
-        initializer=keras.initializers.Constant(self.step),
+        initializer=keras.initializers.Constant(initial),
         trainable=False,
     )
     return {"mask": mask, "step": step}
@@ -88,7 +97,8 @@ class OPQWeightQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     return weights["mask"] * (tf.stop_gradient(codes * step) + straight_through)
 
   def get_config(self):
-    return {"bits": self.bits, "step": self.step, "threshold": self.threshold}
+    return {"bits": self.bits, "step": self.step, "threshold": self.threshold,
+            "channel_axes": list(self.channel_axes)}
 
   def __eq__(self, other):
     return (

@@ -19,6 +19,7 @@ import numpy as np
 
 from opq_tf import allocation
 from opq_tf import flatten as flatten_lib
+from opq_tf import grid
 from opq_tf import layers as layers_lib
 from opq_tf._keras import keras, tf, tfmot
 from opq_tf.quantize_configs import OPQQuantizeConfig
@@ -29,11 +30,12 @@ _tfmot_keras = tfmot.quantization.keras
 
 
 @dataclasses.dataclass(frozen=True)
-class CompressedEntry:
+class CompressedKernel:
   """One compressed kernel of a wrapped model, read back from its variables.
 
   `kernel` is the latent FP32 kernel; the compressed kernel is
-  `mask * step * clip(round(kernel / step), -K, K)`, K = 2**(bits-1) - 1.
+  `mask * step * clip(round(kernel / step), -K, K)`, K = 2**(bits-1) - 1, with
+  `step` a float32 array of shape () or the channel axes' shape.
   """
 
   key: str
@@ -42,22 +44,20 @@ class CompressedEntry:
   kind: str
   kernel: np.ndarray
   mask: np.ndarray
-  step: float
+  step: np.ndarray
   bits: int
   threshold: float
+  channel_axes: tuple[int, ...]
 
   @property
   def codes(self) -> np.ndarray:
     """Integer codes in [-K, K], 0 where pruned (int32, kernel shape)."""
-    max_code = 2 ** (self.bits - 1) - 1
-    step = np.float32(self.step)
-    codes = np.clip(np.round(self.kernel / step), -max_code, max_code)
-    return (codes * self.mask).astype(np.int32)
+    return grid.codes(self.kernel, self.step, self.bits, self.mask)
 
   @property
   def compressed(self) -> np.ndarray:
     """mask * step * codes (float32): the kernel the wrapped model uses."""
-    return self.codes.astype(np.float32) * np.float32(self.step)
+    return grid.dequantize(self.codes, self.step)
 
 
 def _check_model(model) -> None:
@@ -91,7 +91,7 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
     return (isinstance(weight, tf.Variable)
             and tuple(weight.shape) == tuple(entry.shape))
 
-  missing = [entry.key for entry in plan.layers if not matches(entry)]
+  missing = [entry.key for entry in plan.kernels if not matches(entry)]
   if missing:
     raise ValueError(
         f"The plan names weights that are not in model {model.name!r} (or "
@@ -99,9 +99,9 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
         f"{' ...' if len(missing) > 5 else ''}; make the plan with "
         "opq_tf.allocate on this model.")
   quantizers = {}
-  for entry in plan.layers:
+  for entry in plan.kernels:
     quantizers.setdefault(entry.name, {})[entry.weight] = OPQWeightQuantizer(
-        entry.bits, entry.step, entry.threshold)
+        entry.bits, entry.step, entry.threshold, entry.channel_axes)
   return {name: OPQQuantizeConfig(by_weight, quantize_activations)
           for name, by_weight in quantizers.items()}
 
@@ -129,8 +129,8 @@ def apply(
     bits: bit-width B (only without `plan`).
     quantize_activations: also quantize the outputs of the wrapped layers to
       8 bits (tfmot MovingAverageQuantizer); default FP32 activations.
-    **allocate_options: passed to `opq_tf.allocate` (strategy, step_stats,
-      overrides).
+    **allocate_options: passed to `opq_tf.allocate` (method, objective,
+      step_granularity, step_stats, overrides).
 
   Returns:
     A Functional model of tfmot `QuantizeWrapperV2`s (planned layers) and the
@@ -147,7 +147,7 @@ def apply(
     raise ValueError(
         "Pass either a plan or pruning_rate/bits (and allocate options), not "
         "both: the plan already fixes every threshold and step.")
-  if not plan.layers:
+  if not plan.kernels:
     raise ValueError("The plan compresses no layer; nothing to apply. Check "
                      "the plan's overrides and that the model has kernels.")
   configs = _configs_for(model, plan, quantize_activations)
@@ -170,7 +170,7 @@ def apply(
     kernel = weight.numpy()
     mask = np.abs(kernel) >= entry.threshold
     variables["mask"].assign(mask.astype(np.float32))
-    variables["step"].assign(np.float32(entry.step))
+    variables["step"].assign(entry.step_array())
   qmodel.opq_plan = plan
   return qmodel
 
@@ -186,32 +186,33 @@ def _opq_weights(model: keras.Model):
       yield layer, attr, weight, quantizer, variables
 
 
-def compressed_entries(model: keras.Model) -> list[CompressedEntry]:
+def compressed_kernels(model: keras.Model) -> list[CompressedKernel]:
   """Every OPQ-compressed kernel of a model returned by `apply`, in model order.
 
   Raises:
     ValueError: the model has no OPQ quantizer.
   """
-  entries = [
-      CompressedEntry(
+  kernels = [
+      CompressedKernel(
           key=f"{wrapper.layer.name}/{attr}",
           layer_name=wrapper.layer.name,
           weight=attr,
           kind=type(wrapper.layer).__name__,
           kernel=np.asarray(weight.numpy(), np.float32),
           mask=variables["mask"].numpy() > 0,
-          step=float(variables["step"].numpy()),
+          step=np.asarray(variables["step"].numpy(), np.float32),
           bits=quantizer.bits,
           threshold=quantizer.threshold,
+          channel_axes=quantizer.channel_axes,
       )
       for wrapper, attr, weight, quantizer, variables in _opq_weights(model)
   ]
-  if not entries:
+  if not kernels:
     raise ValueError(
         f"Model {model.name!r} has no OPQ quantizer: OPQ was never applied: "
         "call opq_tf.apply first."
     )
-  return entries
+  return kernels
 
 
 def strip(model: keras.Model) -> keras.Model:
@@ -219,12 +220,14 @@ def strip(model: keras.Model) -> keras.Model:
 
   Every tfmot wrapper is replaced by (a clone of) the layer it wraps, under the
   original layer name; compressed kernels hold `mask * q(w)`, every other weight
-  is copied. With FP32 activations it predicts what the wrapped model predicts.
+  is copied, matched by `layers.weight_key`. With FP32 activations it predicts
+  what the wrapped model predicts.
+
+  The returned model carries `opq_kernels`, the `CompressedKernel`s it was
+  stripped from (latent kernels, masks, steps), which `opq_tf.calibrate` needs
+  to reconstruct a stripped model's kernels on their grids.
   """
-  compressed = {}
-  for entry, (_, _, weight, _, _) in zip(compressed_entries(model),
-                                         _opq_weights(model)):
-    compressed[id(weight)] = entry.compressed
+  kernels = compressed_kernels(model)
 
   def unwrap(layer):
     if isinstance(layer, _tfmot_keras.QuantizeWrapper):
@@ -232,39 +235,52 @@ def strip(model: keras.Model) -> keras.Model:
     return layer.__class__.from_config(layer.get_config())
 
   stripped = keras.models.clone_model(model, clone_function=unwrap)
+  compressed = {kernel.key: kernel.compressed for kernel in kernels}
   for layer in model.layers:
     if isinstance(layer, keras.layers.InputLayer):
       continue
+    source = layer.layer if isinstance(
+        layer, _tfmot_keras.QuantizeWrapper) else layer
+    values = {layers_lib.weight_key(source, weight): weight
+              for weight in _own_weights(layer)}
     if isinstance(layer, _tfmot_keras.QuantizeWrapper):
-      source, weights = layer.layer, _wrapped_layer_weights(layer)
-    else:
-      source, weights = layer, layer.weights
-    values = {_short_name(w): compressed.get(id(w), w.numpy()) for w in weights}
+      # Detached kernels are known by their attribute (see _own_weights).
+      for attr, (weight, _, _) in zip(layer.quantize_config.weight_attrs,
+                                      layer._weight_vars):  # pylint: disable=protected-access
+        values[f"{source.name}/{attr}"] = weight
     target = stripped.get_layer(source.name)
-    target.set_weights([values[_short_name(w)] for w in target.weights])
+    keys = [layers_lib.weight_key(target, weight) for weight in target.weights]
+    missing = [key for key in keys if key not in values]
+    if missing:
+      raise ValueError(
+          f"strip cannot find the weights {missing} in layer {source.name!r} "
+          "of the wrapped model; report this with the layer's class.")
+    target.set_weights([
+        compressed[key] if key in compressed else values[key].numpy()
+        for key in keys
+    ])
+  stripped.opq_kernels = kernels
   return stripped
 
 
-def _short_name(variable) -> str:
-  return variable.name.split("/")[-1]
-
-
-def _wrapped_layer_weights(wrapper) -> list:
-  """The wrapped layer's own variables (tfmot detaches reassigned kernels).
+def _own_weights(layer) -> list:
+  """The weights of a layer, or of the layer a tfmot wrapper wraps.
 
   tfmot's wrapper sets `layer.kernel = <quantized tensor>`, which drops the
   kernel variable from `wrapper.layer.weights`; it stays in `wrapper.weights`
-  next to the wrapper's own variables (optimizer step, quantizer variables).
+  next to the wrapper's own variables (optimizer step, quantizer variables),
+  which are left out here.
   """
-  own = {id(wrapper.optimizer_step)}
-  for _, _, variables in wrapper._weight_vars:  # pylint: disable=protected-access
+  if not isinstance(layer, _tfmot_keras.QuantizeWrapper):
+    return list(layer.weights)
+  own = {id(layer.optimizer_step)}
+  for _, _, variables in layer._weight_vars:  # pylint: disable=protected-access
     own.update(id(v) for v in variables.values())
-  output_variables = getattr(wrapper, "_output_quantizer_vars", {})
+  output_variables = getattr(layer, "_output_quantizer_vars", {})
   own.update(id(v) for v in output_variables.values())
   weights = []
-  for weight in wrapper.weights:
+  for weight in layer.weights:
     if id(weight) not in own:
       own.add(id(weight))
       weights.append(weight)
   return weights
-

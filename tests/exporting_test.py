@@ -5,8 +5,10 @@ import os
 import re
 import shutil
 import subprocess
+import struct
 import sys
 import tempfile
+import zlib
 from unittest import mock
 
 from absl.testing import absltest
@@ -15,7 +17,7 @@ import numpy as np
 
 from opq_tf import packing
 from opq_tf._keras import keras, tf
-from opq_tf.wrapping import apply, compressed_entries, strip
+from opq_tf.wrapping import apply, compressed_kernels, strip
 # Not `from opq_tf import export`: the package's public verb shares that name.
 from opq_tf.exporting import export, load_packed, named_weights
 
@@ -106,10 +108,10 @@ class ExportTest(parameterized.TestCase):
     rebuilt = load_packed(
         os.path.join(self.directory, "model.opq"), _build_model)
     weights = named_weights(rebuilt)
-    for entry in compressed_entries(self.qmodel):
+    for entry in compressed_kernels(self.qmodel):
       kernel = weights[entry.key].numpy()
       self.assertTrue(np.all(kernel[~entry.mask] == 0), msg=entry.key)
-      codes = kernel / np.float32(entry.step)
+      codes = kernel / entry.step
       np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
       self.assertLessEqual(np.abs(np.round(codes)).max(), 7)
 
@@ -143,11 +145,13 @@ class ExportTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-7)
 
   def test_report_figures(self):
-    entries = compressed_entries(self.qmodel)
+    entries = compressed_kernels(self.qmodel)
     sizes = np.array([e.mask.size for e in entries])
     kept = np.array([e.mask.sum() for e in entries])
+    steps = np.array([e.step.size for e in entries])
+    self.assertGreater(steps.max(), 1)  # One step per output channel.
     self.assertAlmostEqual(self.report["weight_bits_ratio"],
-                           32 * sizes.sum() / (kept * 4 + 32).sum())
+                           32 * sizes.sum() / (kept * 4 + 32 * steps).sum())
     packed_path = os.path.join(self.directory, "model.opq")
     self.assertEqual(self.report["packed_bytes"], os.path.getsize(packed_path))
     parameters = self.stripped.count_params()
@@ -166,7 +170,7 @@ class ExportTest(parameterized.TestCase):
         self.report["packed_over_bound"],
         os.path.getsize(packed_path) / self.report["entropy_bound_bytes"])
     self.assertGreater(self.report["packed_over_bound"], 1.0)
-    layers = {layer["key"]: layer for layer in self.report["layers"]}
+    layers = {layer["key"]: layer for layer in self.report["kernels"]}
     self.assertEqual(list(layers), [e.key for e in entries])
     for entry in entries:
       layer = layers[entry.key]
@@ -175,7 +179,8 @@ class ExportTest(parameterized.TestCase):
       self.assertAlmostEqual(layer["pruning_rate"],
                              1 - entry.mask.mean())
       self.assertEqual(layer["bits"], 4)
-      self.assertEqual(np.float32(layer["step"]), np.float32(entry.step))
+      np.testing.assert_array_equal(np.float32(layer["step"]), entry.step)
+      self.assertEqual(layer["steps"], entry.step.size)
       self.assertGreater(layer["coded_bytes"], 0)
     self.assertEqual(self.report["plan"],
                      json.loads(self.qmodel.opq_plan.to_json()))
@@ -237,13 +242,14 @@ class ExportTest(parameterized.TestCase):
     self.assertEqual(os.listdir(self.workdir), [])
 
   @parameterized.named_parameters(
-      ("wider_dense", lambda: _build_model(dense_units=11), "weight shapes"),
+      ("wider_dense", lambda: _build_model(dense_units=11),
+       r"'fc/kernel' with shape \(16, 10\), the model has \(16, 11\)"),
       ("renamed_layer", lambda: _build_model(dense_name="head"),
-       "fc/kernel.*head/kernel"),
+       "'fc/kernel', which the model does not have"),
   )
   def test_load_packed_with_other_architecture_raises(self, model_fn, pattern):
     with self.assertRaisesRegex(ValueError,
-                                f"does not match.*{pattern}.*architecture"):
+                                f"cannot load it.*{pattern}.*architecture"):
       load_packed(os.path.join(self.directory, "model.opq"),
                              model_fn)
 
@@ -254,6 +260,29 @@ class ExportTest(parameterized.TestCase):
     with self.assertRaisesRegex(TypeError, "not a tf_keras Model"):
       load_packed(path, lambda: "model")
 
+  def test_load_packed_checks_shapes_before_decoding(self):
+    # A valid file declaring one all-pruned 40,000 x 40,000 "fc/kernel" (a
+    # few bytes, gigabytes if decoded) is refused by the model's shapes, and
+    # no symbol is decoded.
+    header = bytearray(packing._varint(1) + packing._varint(0)
+                       + packing._varint(0))
+    header += packing._name_bytes("fc/kernel")
+    header += packing._shape_bytes((40000, 40000))
+    header += struct.pack("<BBf", 4, 0, 0.1)
+    header += b"".join(packing._varint(c) for c in [1600000000] + [0] * 15)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = deflate.compress(bytes(header)) + deflate.flush()
+    body = packing._varint(len(packed)) + packed
+    path = os.path.join(self.workdir, "huge.opq")
+    with open(path, "wb") as f:
+      f.write(packing.MAGIC + struct.pack("<I", zlib.crc32(body)) + body)
+    self.assertLess(os.path.getsize(path), 64)
+    with mock.patch.object(packing, "decode_streams") as decode:
+      with self.assertRaisesRegex(ValueError, r"fc/kernel' with shape "
+                                  r"\(40000, 40000\), the model has \(16, 10\)"):
+        load_packed(path, _build_model)
+    decode.assert_not_called()
+
   def test_load_packed_corrupt_file_raises(self):
     path = os.path.join(self.workdir, "model.opq")
     with open(os.path.join(self.directory, "model.opq"), "rb") as f:
@@ -262,6 +291,74 @@ class ExportTest(parameterized.TestCase):
       f.write(data[:-5])
     with self.assertRaisesRegex(ValueError, "corrupt or truncated"):
       load_packed(path, _build_model)
+
+
+class TwoDense(keras.layers.Layer):
+  """Two same-shape Dense sublayers: their kernels share the short name."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.first = keras.layers.Dense(6)
+    self.second = keras.layers.Dense(6)
+
+  def call(self, inputs):
+    return self.first(inputs) + 2.0 * self.second(inputs)
+
+
+def _attention_model():
+  inputs = keras.Input((4, 6))
+  x = keras.layers.Dense(6, name="embed")(inputs)
+  x = keras.layers.MultiHeadAttention(2, 3, name="mha")(x, x)
+  x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+  return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def _two_dense_model():
+  inputs = keras.Input((6,))
+  x = keras.layers.Dense(6, name="embed")(inputs)
+  x = TwoDense(name="two")(x)
+  return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+class SharedShortNamesTest(parameterized.TestCase):
+  """Weights whose variable names end alike keep apart through the pipeline."""
+
+  @parameterized.named_parameters(("multi_head_attention", _attention_model),
+                                  ("two_dense_sublayers", _two_dense_model))
+  def test_apply_fit_strip_export_load_packed(self, build):
+    keras.utils.set_random_seed(0)
+    model = build()
+    shape = (8, *model.input_shape[1:])
+    inputs = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    labels = np.arange(8) % 3
+    qmodel = apply(model, pruning_rate=0.5, bits=4)
+    qmodel.compile(keras.optimizers.SGD(0.1),
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qmodel.fit(inputs, labels, epochs=1, batch_size=8, verbose=0)
+    stripped = strip(qmodel)
+    np.testing.assert_allclose(stripped(inputs).numpy(), qmodel(inputs).numpy(),
+                               atol=1e-5)
+    # Each uncompressed sublayer weight reaches its own place, not a
+    # namesake's (the fitted first and second Dense differ).
+    wrapped = named_weights(qmodel)
+    shared = [name for name in named_weights(stripped)
+              if name.split("/")[0] in ("mha", "two")]
+    self.assertGreaterEqual(len(shared), 4)
+    for name in shared:
+      np.testing.assert_array_equal(named_weights(stripped)[name].numpy(),
+                                    wrapped[name].numpy(), err_msg=name)
+    directory = os.path.join(tempfile.mkdtemp(), "export")
+    self.addCleanup(shutil.rmtree, os.path.dirname(directory))
+    export(qmodel, directory)
+    rebuilt = load_packed(os.path.join(directory, "model.opq"), build)
+    want = named_weights(stripped)
+    got = named_weights(rebuilt)
+    self.assertEqual(list(got), list(want))
+    for name, variable in want.items():
+      self.assertTrue(np.array_equal(got[name].numpy(), variable.numpy()),
+                      msg=name)
+    np.testing.assert_allclose(rebuilt(inputs).numpy(), qmodel(inputs).numpy(),
+                               atol=1e-5)
 
 
 if __name__ == "__main__":

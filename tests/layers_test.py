@@ -23,6 +23,18 @@ def _model_with_every_kind() -> keras.Model:
   return keras.Model(inputs, head(x))
 
 
+class TwoDense(keras.layers.Layer):
+  """Two same-shape Dense sublayers with automatic names."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.first = keras.layers.Dense(4)
+    self.second = keras.layers.Dense(4)
+
+  def call(self, inputs):
+    return self.first(inputs) - self.second(inputs)
+
+
 class LayersTest(absltest.TestCase):
 
   def setUp(self):
@@ -36,19 +48,57 @@ class LayersTest(absltest.TestCase):
         "conv/kernel", "depthwise/depthwise_kernel",
         "separable/depthwise_kernel", "separable/pointwise_kernel",
         "conv1d/kernel", "dense/kernel"])
-    self.assertEqual(kernels["depthwise/depthwise_kernel"][0],
+    self.assertEqual(kernels["depthwise/depthwise_kernel"].kind,
                      "DepthwiseConv2D")
-    self.assertEqual(kernels["dense/kernel"][0], "Dense")
+    self.assertEqual(kernels["dense/kernel"].kind, "Dense")
     dense = model.get_layer("head").get_layer("dense")
-    np.testing.assert_array_equal(kernels["dense/kernel"][1],
+    np.testing.assert_array_equal(kernels["dense/kernel"].values,
                                   dense.kernel.numpy())
-    self.assertEqual(kernels["separable/pointwise_kernel"][1].dtype, np.float32)
+    self.assertEqual(kernels["separable/pointwise_kernel"].values.dtype,
+                     np.float32)
+    self.assertEqual(
+        {key: kernel.channel_axes for key, kernel in kernels.items()},
+        {"conv/kernel": (-1,), "depthwise/depthwise_kernel": (-2, -1),
+         "separable/depthwise_kernel": (-2, -1),
+         "separable/pointwise_kernel": (-1,), "conv1d/kernel": (-1,),
+         "dense/kernel": (-1,)})
 
   def test_exact_class_match(self):
     self.assertIsNone(layers.weight_attrs(keras.layers.Conv2DTranspose(2, 3)))
     self.assertIsNone(layers.weight_attrs(keras.layers.BatchNormalization()))
     self.assertEqual(layers.weight_attrs(keras.layers.SeparableConv2D(2, 3)),
                      ("depthwise_kernel", "pointwise_kernel"))
+
+  def test_weight_key_names_sublayer_weights_apart_and_stably(self):
+    # A MultiHeadAttention's four kernels and a custom layer's two Dense
+    # kernels all end in "kernel"; their keys must differ, and agree between
+    # two instances built in one process (whose auto-named sublayers differ).
+    def build():
+      inputs = keras.Input((2, 4))
+      x = TwoDense(name="two")(inputs)
+      return keras.Model(
+          inputs, keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x))
+
+    first, second = build(), build()
+    keys = {}
+    for model in (first, second):
+      keys[model.name] = [
+          layers.weight_key(layer, weight)
+          for name in ("two", "mha")
+          for layer in [model.get_layer(name)] for weight in layer.weights]
+    self.assertEqual(keys[first.name], keys[second.name])
+    self.assertLen(set(keys[first.name]), len(keys[first.name]))
+    self.assertIn("two/first/kernel", keys[first.name])
+    self.assertIn("mha/_query_dense/kernel", keys[first.name])
+    self.assertNotEqual(first.get_layer("two").first.name,
+                        second.get_layer("two").first.name)
+
+  def test_weight_key_of_plain_layers(self):
+    bn = keras.layers.BatchNormalization(name="bn")
+    bn.build((None, 3))
+    self.assertEqual([layers.weight_key(bn, w) for w in bn.weights],
+                     ["bn/gamma", "bn/beta", "bn/moving_mean",
+                      "bn/moving_variance"])
 
   def test_iter_layers_enters_submodels(self):
     model = _model_with_every_kind()

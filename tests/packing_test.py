@@ -2,7 +2,9 @@
 
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -65,7 +67,7 @@ class SymbolsTest(parameterized.TestCase):
       packing.symbols_from_codes(np.ones(3, bool), np.array([0, 4, 1]), 3)
 
   def test_bad_bits_raise(self):
-    with self.assertRaisesRegex(ValueError, "bits must be an integer"):
+    with self.assertRaisesRegex(ValueError, "bits must be in 2..8"):
       packing.alphabet_size(1)
 
   def test_entropy(self):
@@ -128,12 +130,16 @@ class FileTest(parameterized.TestCase):
     codes = np.clip(np.round(weights / step), -7, 7).astype(np.int32) * mask
     dense_mask = rng.random((64, 10)) > 0.9
     self.entries = [
-        packing.PackedEntry("conv/kernel", 4, float(step), mask, codes),
-        packing.PackedEntry("dense/kernel", 3, 0.25, dense_mask,
-                            rng.integers(-3, 4, size=(64, 10)) * dense_mask),
-        packing.PackedEntry("dw/depthwise_kernel", 8, 0.5,
-                            np.zeros((3, 3, 4, 1), bool),
-                            np.zeros((3, 3, 4, 1), np.int32)),
+        packing.PackedKernel("conv/kernel", 4, step, mask, codes),
+        # One step per output channel.
+        packing.PackedKernel("dense/kernel", 3,
+                             np.linspace(0.1, 0.5, 10, dtype=np.float32),
+                             dense_mask,
+                             rng.integers(-3, 4, size=(64, 10)) * dense_mask),
+        packing.PackedKernel("dw/depthwise_kernel", 8,
+                             np.full((4, 1), 0.5, np.float32),
+                             np.zeros((3, 3, 4, 1), bool),
+                             np.zeros((3, 3, 4, 1), np.int32)),
     ]
     self.rest = {
         "conv/bias": rng.normal(size=16).astype(np.float32),
@@ -151,7 +157,8 @@ class FileTest(parameterized.TestCase):
                      [e.name for e in self.entries])
     for got, want in zip(entries, self.entries):
       self.assertEqual(got.bits, want.bits)
-      self.assertEqual(np.float32(got.step), np.float32(want.step))
+      np.testing.assert_array_equal(got.step, want.step)
+      self.assertEqual(got.step.dtype, np.float32)
       np.testing.assert_array_equal(got.mask, want.mask)
       np.testing.assert_array_equal(got.codes, want.codes)
       self.assertTrue(np.array_equal(got.values(), want.values()))
@@ -159,17 +166,107 @@ class FileTest(parameterized.TestCase):
     self.assertEqual(list(rest), list(self.rest))
     for name, value in self.rest.items():
       self.assertEqual(rest[name].tobytes(), value.tobytes())
-    self.assertEqual(stats.entry_coded_bits["dw/depthwise_kernel"], 0)
+    self.assertEqual(stats.kernel_coded_bits["dw/depthwise_kernel"], 0)
     # Magic, crc, varint and a deflated header of 5 names, shapes and counts.
     self.assertLess(stats.header_bytes, 200)
     self.assertEqual(stats.file_bytes, stats.header_bytes + stats.coded_bytes
                      + stats.rest_bytes)
 
   def test_values_are_step_times_code(self):
-    entry = self.entries[0]
-    want = np.where(entry.mask, np.float32(entry.step) *
-                    entry.codes.astype(np.float32), 0).astype(np.float32)
-    self.assertTrue(np.array_equal(entry.values(), want))
+    for entry in self.entries:
+      want = np.where(entry.mask, np.float32(entry.step) *
+                      entry.codes.astype(np.float32), 0).astype(np.float32)
+      self.assertTrue(np.array_equal(entry.values(), want))
+    dense = self.entries[1]  # Channel j is scaled by its own step.
+    np.testing.assert_array_equal(
+        dense.values()[:, 3],
+        np.where(dense.mask[:, 3],
+                 dense.codes[:, 3].astype(np.float32) * dense.step[3], 0))
+
+  def test_step_shape_must_fit_the_kernel(self):
+    entry = self.entries[1]
+    bad = packing.PackedKernel(entry.name, 3, np.ones(7, np.float32),
+                               entry.mask, entry.codes)
+    with self.assertRaisesRegex(ValueError, "one step per output channel"):
+      packing.write_packed(self.path, [bad], {})
+    self.assertFalse(os.path.exists(self.path))
+
+  def test_random_corruption_always_raises_value_error(self):
+    # 400 files mutated at random places; the CRC catches most, the parser
+    # the rest. Nothing but ValueError may come out.
+    packing.write_packed(self.path, self.entries, self.rest)
+    with open(self.path, "rb") as f:
+      original = f.read()
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+      data = bytearray(original)
+      for position in rng.integers(0, len(data), size=1 + trial % 4):
+        data[position] = int(rng.integers(256))
+      if bytes(data) == original:
+        continue
+      with open(self.path, "wb") as f:
+        f.write(bytes(data))
+      with self.assertRaises(ValueError, msg=f"trial {trial}"):
+        packing.read_packed(self.path)
+
+  def _hand_made(self, shape):
+    """A valid file (magic, checksum) declaring one all-pruned kernel."""
+    header = bytearray()
+    header += packing._varint(1) + packing._varint(0) + packing._varint(0)
+    header += packing._name_bytes("huge/kernel") + packing._shape_bytes(shape)
+    header += struct.pack("<BBf", 4, 0, 0.1)
+    size = int(np.prod(shape))
+    header += b"".join(packing._varint(c)
+                       for c in [size] + [0] * (packing.alphabet_size(4) - 1))
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = deflate.compress(bytes(header)) + deflate.flush()
+    body = packing._varint(len(packed)) + packed
+    return packing.MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+
+  def test_declared_size_is_bounded_before_decoding(self):
+    # 40,000 x 40,000 pruned weights cost a few bytes of header and would
+    # allocate gigabytes if decoded.
+    data = self._hand_made((40000, 40000))
+    self.assertLess(len(data), 64)
+    with open(self.path, "wb") as f:
+      f.write(data)
+    with self.assertRaisesRegex(ValueError, "declares more than .*max_elements"):
+      packing.read_packed(self.path)
+    with self.assertRaisesRegex(ValueError, "more than 1000 "):
+      packing.read_packed(self.path, max_elements=1000)
+    with self.assertRaisesRegex(ValueError, r"shape \(40000, 40000\).*\(3, 3\)"):
+      packing.read_packed(self.path, expected_shapes={"huge/kernel": (3, 3)})
+    with self.assertRaisesRegex(ValueError, "'huge/kernel', which the model"):
+      packing.read_packed(self.path, expected_shapes={"conv/kernel": (3, 3)})
+
+  def test_small_hand_made_file_decodes(self):
+    # The same construction at a small size is a valid file: the refusal
+    # above comes from the bound, not from a malformed header.
+    with open(self.path, "wb") as f:
+      f.write(self._hand_made((30, 20)))
+    kernels, rest = packing.read_packed(self.path)
+    self.assertEqual(kernels[0].shape, (30, 20))
+    self.assertFalse(kernels[0].mask.any())
+    self.assertEqual(rest, {})
+
+  def test_expected_shapes_must_all_be_in_the_file(self):
+    packing.write_packed(self.path, self.entries, self.rest)
+    expected = {e.name: e.shape for e in self.entries}
+    expected.update({n: v.shape for n, v in self.rest.items()})
+    packing.read_packed(self.path, expected_shapes=expected)
+    expected["extra/bias"] = (3,)
+    with self.assertRaisesRegex(ValueError, "does not: extra/bias"):
+      packing.read_packed(self.path, expected_shapes=expected)
+
+  def test_old_format_version_is_named(self):
+    packing.write_packed(self.path, self.entries, self.rest)
+    with open(self.path, "rb") as f:
+      data = bytearray(f.read())
+    data[3] = 1
+    with open(self.path, "wb") as f:
+      f.write(bytes(data))
+    with self.assertRaisesRegex(ValueError, "format version 1, not 2.*re-export"):
+      packing.read_packed(self.path)
 
   @parameterized.parameters("flip_header", "flip_payload", "truncate",
                             "append", "magic")

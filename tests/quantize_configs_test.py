@@ -80,14 +80,18 @@ class OPQQuantizeConfigTest(absltest.TestCase):
     self.assertTrue(restored.quantize_activations)
 
 
+class MyDepthwise(keras.layers.DepthwiseConv2D):
+  """A user's depthwise-like layer (not compressed unless registered)."""
+
+
 class RegisterLayerTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
     tf.random.set_seed(0)
-    saved = dict(layers_lib.WEIGHT_ATTRS)
-    self.addCleanup(lambda: (layers_lib.WEIGHT_ATTRS.clear(),
-                             layers_lib.WEIGHT_ATTRS.update(saved)))
+    saved = dict(layers_lib.KERNELS)
+    self.addCleanup(lambda: (layers_lib.KERNELS.clear(),
+                             layers_lib.KERNELS.update(saved)))
 
   def _model(self):
     inputs = keras.Input((6,))
@@ -106,7 +110,7 @@ class RegisterLayerTest(absltest.TestCase):
     qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=3)
     wrapper = qmodel.get_layer("quant_scaled")
     self.assertIsInstance(wrapper.layer, ScaledDense)
-    entries = {e.key: e for e in wrapping.compressed_entries(qmodel)}
+    entries = {e.key: e for e in wrapping.compressed_kernels(qmodel)}
     entry = entries["scaled/kernel"]
     np.testing.assert_array_equal(entry.mask,
                                   np.abs(entry.kernel) >= entry.threshold)
@@ -119,11 +123,44 @@ class RegisterLayerTest(absltest.TestCase):
     np.testing.assert_allclose(stripped(inputs).numpy(), qmodel(inputs).numpy(),
                                atol=1e-5)
 
+  def test_registered_channel_axes_reach_the_allocation(self):
+    # A depthwise-like layer registered with channel axes (-2, -1) gets the
+    # per-channel statistics and steps of a DepthwiseConv2D with the same
+    # kernel; registered with the default (-1,) it does not.
+    rng = np.random.default_rng(0)
+    values = (rng.laplace(size=(3, 3, 6, 2))
+              * np.geomspace(0.01, 1.0, 12).reshape(6, 2)).astype(np.float32)
+
+    def model_with(layer):
+      inputs = keras.Input((8, 8, 6))
+      model = keras.Model(inputs, layer(inputs))
+      layer.depthwise_kernel.assign(values)
+      return model
+
+    reference = opq_tf.allocate(
+        model_with(keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                                name="dw")),
+        0.5, 4).kernels[0]
+    register_layer(MyDepthwise, {"depthwise_kernel": (-2, -1)})
+    mine = opq_tf.allocate(
+        model_with(MyDepthwise(3, depth_multiplier=2, name="dw")),
+        0.5, 4).kernels[0]
+    self.assertEqual(mine.channel_axes, (-2, -1))
+    self.assertEqual(mine.step, reference.step)
+    self.assertEqual(np.shape(mine.step), (12,))
+    register_layer(MyDepthwise, {"depthwise_kernel": (-1,)})
+    last_axis = opq_tf.allocate(
+        model_with(MyDepthwise(3, depth_multiplier=2, name="dw")),
+        0.5, 4).kernels[0]
+    self.assertEqual(np.shape(last_axis.step), (2,))
+
   def test_bad_arguments(self):
     with self.assertRaisesRegex(TypeError, "pass the class itself"):
       register_layer(ScaledDense(2), ["kernel"])
     with self.assertRaisesRegex(ValueError, "non-empty list"):
       register_layer(ScaledDense, "kernel")
+    with self.assertRaisesRegex(ValueError, r"trailing axes .*\(-2, -1\)"):
+      register_layer(ScaledDense, {"kernel": (0,)})
 
 
 if __name__ == "__main__":

@@ -70,6 +70,23 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
     np.testing.assert_array_equal(
         gradient, variables["mask"].numpy() * upstream.numpy())
 
+  @parameterized.parameters(((-1,), (5, 4), (4,)), ((-2, -1), (3, 3, 4, 2), (4, 2)))
+  def test_channel_steps_scale_each_channel(self, axes, shape, step_shape):
+    # One step per output channel, laid out as the kernel's channel axes.
+    steps = np.geomspace(0.01, 0.5, int(np.prod(step_shape)))
+    quantizer = OPQWeightQuantizer(bits=4, step=list(steps), threshold=0.0,
+                                   channel_axes=axes)
+    self.assertEqual(quantizer.get_config()["step"], list(steps))
+    layer = keras.layers.Layer()
+    kernel = tf.Variable(np.random.RandomState(2).uniform(
+        -1, 1, shape).astype(np.float32))
+    variables = quantizer.build(kernel.shape, "kernel", layer)
+    self.assertEqual(variables["step"].shape, step_shape)
+    output = quantizer(kernel, True, variables).numpy()
+    step = steps.astype(np.float32).reshape(step_shape)
+    want = np.clip(np.round(kernel.numpy() / step), -7, 7) * step
+    np.testing.assert_array_equal(output, want.astype(np.float32))
+
   def test_uses_step_variable_not_constructor_value(self):
     quantizer, layer, variables, _ = _built_quantizer(bits=8, step=0.1)
     variables["step"].assign(0.03)
@@ -81,7 +98,8 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
   def test_config_round_trip(self):
     quantizer = OPQWeightQuantizer(bits=5, step=0.0123, threshold=0.04)
     self.assertEqual(quantizer.get_config(),
-                     {"bits": 5, "step": 0.0123, "threshold": 0.04})
+                     {"bits": 5, "step": 0.0123, "threshold": 0.04,
+                      "channel_axes": [-1]})
     self.assertEqual(OPQWeightQuantizer.from_config(quantizer.get_config()),
                      quantizer)
     serialized = keras.utils.legacy.serialize_keras_object(quantizer)
@@ -93,7 +111,7 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
 
   @parameterized.parameters((1, 0.1), (4, 0.0), (4, -1.0))
   def test_bad_arguments(self, bits, step):
-    with self.assertRaisesRegex(ValueError, "use bits >= 2|from the plan"):
+    with self.assertRaisesRegex(ValueError, "bits must be in 2..8|from the plan"):
       OPQWeightQuantizer(bits, step, 0.0)
 
   @parameterized.named_parameters(
@@ -120,13 +138,13 @@ class OPQWeightQuantizerTest(parameterized.TestCase):
       loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded(images, training=False).numpy(),
                                   qmodel(images, training=False).numpy())
-    for before, after in zip(wrapping.compressed_entries(qmodel),
-                             wrapping.compressed_entries(loaded)):
+    for before, after in zip(wrapping.compressed_kernels(qmodel),
+                             wrapping.compressed_kernels(loaded)):
       self.assertEqual(before.key, after.key)
       np.testing.assert_array_equal(before.mask, after.mask)
-      self.assertEqual(before.step, after.step)
+      np.testing.assert_array_equal(before.step, after.step)
       self.assertEqual(before.bits, after.bits)
-    self.assertFalse(wrapping.compressed_entries(loaded)[0].mask.all())
+    self.assertFalse(wrapping.compressed_kernels(loaded)[0].mask.all())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 
 import opq_tf
 from opq_tf import wrapping
+from opq_tf import grid
 from opq_tf import layers as layers_lib
 import cpu_devices
 from opq_tf._keras import keras, tf, tfmot
@@ -85,16 +86,19 @@ class ApplyTest(parameterized.TestCase):
     plan = opq_tf.allocate(model, pruning_rate=0.6, bits=4)
     qmodel = wrapping.apply(model, plan)
     self.assertIs(qmodel.opq_plan, plan)
-    entries = wrapping.compressed_entries(qmodel)
+    entries = wrapping.compressed_kernels(qmodel)
     self.assertEqual([entry.key for entry in entries], list(kernels))
     by_key = plan.by_key()
     for entry in entries:
-      kernel = kernels[entry.key][1]
+      kernel = kernels[entry.key].values
       np.testing.assert_array_equal(entry.kernel, kernel)
       np.testing.assert_array_equal(
           entry.mask, np.abs(kernel) >= by_key[entry.key].threshold)
-      self.assertEqual(entry.step, np.float32(by_key[entry.key].step))
-      self.assertEqual(entry.kind, kernels[entry.key][0])
+      np.testing.assert_array_equal(entry.step,
+                                    by_key[entry.key].step_array())
+      self.assertEqual(entry.step.shape, grid.step_shape(
+          kernel.shape, kernels[entry.key].channel_axes))
+      self.assertEqual(entry.kind, kernels[entry.key].kind)
     wrapped = [l for l in qmodel.layers
                if isinstance(l, _tfmot_keras.QuantizeWrapper)]
     self.assertLen(wrapped, len({entry.layer_name for entry in entries}))
@@ -116,7 +120,7 @@ class ApplyTest(parameterized.TestCase):
     model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
     qmodel = opq_tf.apply(model, pruning_rate=0.7, bits=3)
     self.assertFalse([l for l in qmodel.layers if isinstance(l, keras.Model)])
-    entries = wrapping.compressed_entries(qmodel)
+    entries = wrapping.compressed_kernels(qmodel)
     self.assertEqual([e.key for e in entries],
                      list(layers_lib.compressible_kernels(model)))
     images = np.random.RandomState(0).uniform(0, 255, (4, 8, 8, 3))
@@ -162,7 +166,7 @@ class ApplyTest(parameterized.TestCase):
       wrapping.apply(model, plan, bits=4)
     with self.assertRaisesRegex(
         ValueError, "was never applied: call opq_tf.apply first"):
-      wrapping.compressed_entries(model)
+      wrapping.compressed_kernels(model)
     no_kernels = keras.Sequential(
         [keras.Input((4, 4, 3)), keras.layers.BatchNormalization(),
          keras.layers.GlobalAveragePooling2D()])
@@ -248,7 +252,7 @@ class ApplyTest(parameterized.TestCase):
                      [type(l) for l in model.layers])
     self.assertFalse([type(l).__name__ for l in stripped.layers
                       if "tensorflow_model_optimization" in type(l).__module__])
-    for entry in wrapping.compressed_entries(qmodel):
+    for entry in wrapping.compressed_kernels(qmodel):
       layer = stripped.get_layer(entry.layer_name)
       kernel = getattr(layer, entry.weight).numpy()
       np.testing.assert_array_equal(kernel, entry.compressed)
