@@ -1,9 +1,10 @@
 """opq_tf: One-shot Pruning-Quantization (OPQ, AAAI 2021) for tf_keras models.
 
-The public API is five verbs:
+The public API is six verbs:
 
     plan = opq_tf.allocate(model, pruning_rate=0.9, bits=4)   # pure NumPy
     qmodel = opq_tf.apply(model, plan)                          # tfmot wrappers
+    opq_tf.calibrate(qmodel, images)                            # BN statistics
     qmodel.fit(...)                                             # masks/steps fixed
     opq_tf.export(qmodel, "out/")                               # SavedModel + packed
     weights = opq_tf.load_packed("out/model.opq", model_fn)
@@ -25,6 +26,7 @@ _LAZY = {
     "register_layer": "opq_tf.quantize_configs",
     "export": "opq_tf.exporting",
     "load_packed": "opq_tf.exporting",
+    "calibrate": "opq_tf.calibration",
 }
 
 __all__ = ["CompressionPlan", "KernelPlan", "allocate", *_LAZY]

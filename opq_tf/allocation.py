@@ -541,7 +541,7 @@ def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
     # Each channel's own optimum for the kernel's threshold; a channel of
     # zeros (no scale) takes the kernel's step, which it never uses.
     steps = np.full(channel_scales.shape, kernel_step)
-    steps[channel_scales > 0] = live * laplace.optimal_unit_step(
+    steps[channel_scales > 0] = live * laplace.optimal_unit_step_table(
         threshold / live, bits)
     step = tuple(float(np.float32(s)) for s in steps)
     errors = live**2 * laplace.unit_error(threshold / live,

@@ -162,7 +162,7 @@ class AllocateTest(parameterized.TestCase):
     self.assertEqual(entry.step_array().shape, (64,))
     b = np.abs(kernel["conv/kernel"]).reshape(-1, 64).mean(0)
     want = b * laplace.optimal_unit_step(entry.threshold / b, 4)
-    np.testing.assert_allclose(entry.step, want, rtol=1e-5)
+    np.testing.assert_allclose(entry.step, want, rtol=1e-4)  # table vs search
     shared = opq_tf.allocate(kernel, 0.8, 4, step_granularity="kernel")
     self.assertLess(entry.modelled_error, shared.kernels[0].modelled_error)
     # Every stored step costs 32 bits in the ratio.

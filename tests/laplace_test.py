@@ -4,11 +4,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from opq_tf import grid
 from opq_tf import laplace
 
 
 def _monte_carlo_error(samples, threshold, step, bits):
-  k = laplace.levels(bits)
+  k = grid.max_code(bits)
   quantized = step * np.clip(np.round(samples / step), -k, k)
   compressed = np.where(np.abs(samples) < threshold, 0.0, quantized)
   return np.mean((samples - compressed) ** 2)
@@ -93,6 +94,16 @@ class UnitTableTest(parameterized.TestCase):
   def test_rejects_bits_out_of_range(self):
     with self.assertRaisesRegex(ValueError, "2..8"):
       laplace.unit_table(9)
+
+
+class StepTableTest(parameterized.TestCase):
+
+  @parameterized.parameters(2, 4, 8)
+  def test_table_agrees_with_the_search(self, bits):
+    thresholds = np.array([0.0, 0.013, 0.5, 1.2345, 3.0, 7.77, 12.5, 30.0])
+    np.testing.assert_allclose(
+        laplace.optimal_unit_step_table(thresholds, bits),
+        laplace.optimal_unit_step(thresholds, bits), rtol=2e-4)
 
 
 if __name__ == "__main__":

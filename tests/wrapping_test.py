@@ -295,7 +295,8 @@ class PublicVerbsTest(absltest.TestCase):
   def test_verbs_stay_functions_after_their_modules_are_imported(self):
     from opq_tf import exporting  # pylint: disable=g-import-not-at-top,unused-import
 
-    for verb in ("apply", "strip", "export", "load_packed", "register_layer"):
+    for verb in ("apply", "strip", "export", "load_packed", "register_layer",
+                 "calibrate"):
       self.assertTrue(callable(getattr(opq_tf, verb)), verb)
     self.assertIs(opq_tf.apply, wrapping.apply)
     self.assertIs(opq_tf.export, exporting.export)
