@@ -1,0 +1,435 @@
+"""Tests for opq_tf.calibrate: BatchNorm re-estimation and reconstruction."""
+
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+import opq_tf
+from opq_tf import calibration
+from opq_tf import grid
+import cpu_devices
+from opq_tf._keras import keras, tf
+
+cpu_devices.split_cpu()
+
+
+def _bn_model() -> keras.Model:
+  """Conv-BN-ReLU, depthwise-BN, separable, dense: every BN after a kernel."""
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+  x = keras.layers.BatchNormalization(name="bn")(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+  x = keras.layers.BatchNormalization(name="bn_depthwise")(x)
+  x = keras.layers.ReLU()(x)
+  x = keras.layers.SeparableConv2D(16, 3, strides=2, name="separable")(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  x = keras.layers.Dense(8, name="dense")(x)
+  x = keras.layers.BatchNormalization(name="bn_dense")(x)
+  return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+
+
+def _images(count=120, seed=0, shape=(8, 8, 3)) -> np.ndarray:
+  return np.random.RandomState(seed).uniform(
+      -1, 1, (count,) + shape).astype(np.float32)
+
+
+def _trained(model_fn, steps=5) -> keras.Model:
+  """A few SGD steps, so that BN statistics and kernels are not at init."""
+  model = model_fn()
+  images = _images(160, seed=1, shape=tuple(model.inputs[0].shape[1:]))
+  labels = np.arange(160) % 3
+  model.compile(keras.optimizers.SGD(0.05),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.fit(images, labels, batch_size=32, epochs=steps, verbose=0)
+  return model
+
+
+def _strip(qmodel) -> keras.Model:
+  stripped = opq_tf.strip(qmodel)
+  assert stripped.opq_kernels, "strip records the kernels calibrate needs"
+  return stripped
+
+
+def _weights(model) -> list[np.ndarray]:
+  return [w.numpy().copy() for w in model.weights]
+
+
+def _kernel_state(model) -> dict:
+  """key -> (compressed kernel as the model uses it, mask, step, bits)."""
+  state = {}
+  for kernel in calibration._compressed_kernels(model):  # pylint: disable=protected-access
+    if kernel.wrapped:
+      wrapper = kernel.node_layer
+      index = wrapper.quantize_config.weight_attrs.index(kernel.attr)
+      _, quantizer, variables = wrapper._weight_vars[index]  # pylint: disable=protected-access
+      used = quantizer(kernel.variable, False, variables).numpy()
+    else:
+      used = kernel.variable.numpy()
+    state[kernel.key] = (used, kernel.mask.copy(),
+                         np.broadcast_to(kernel.step, used.shape).copy(),
+                         kernel.bits)
+  return state
+
+
+def _expected_batchnorm(model, images, batch_size) -> dict:
+  """Independently: BN inputs in Keras training mode, moments in NumPy,
+  averaged over batches weighted by batch size (unbiased variance)."""
+  bns = [l for l in model.layers
+         if isinstance(l, keras.layers.BatchNormalization)]
+  probe = keras.Model(model.inputs,
+                      [calibration._layer_input(model, bn) for bn in bns])  # pylint: disable=protected-access
+  sums = {bn.name: [0.0, 0.0, 0] for bn in bns}
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    outputs = probe(batch, training=True)  # batch statistics everywhere
+    for bn, values in zip(bns, outputs):
+      values = values.numpy().astype(np.float64)
+      values = values.reshape(-1, values.shape[-1])
+      sums[bn.name][0] += len(batch) * values.mean(0)
+      sums[bn.name][1] += len(batch) * values.var(0, ddof=1)
+      sums[bn.name][2] += len(batch)
+  return {name: (m / n, v / n) for name, (m, v, n) in sums.items()}
+
+
+class BatchNormTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+
+  @parameterized.named_parameters(("wrapped", False), ("stripped", True))
+  def test_moving_statistics_are_the_average_batch_statistics(self, strip):
+    qmodel = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
+    model = _strip(qmodel) if strip else qmodel
+    images = _images(100)
+    before = _weights(model)
+    expected = _expected_batchnorm(model, images, batch_size=40)
+    # The probe ran in training mode, which moved the moving averages: reset.
+    for weight, value in zip(model.weights, before):
+      weight.assign(value)
+    moving_before = {layer.name: layer.moving_variance.numpy()
+                     for layer in model.layers
+                     if isinstance(layer, keras.layers.BatchNormalization)}
+
+    returned = calibration.calibrate(model, images, batch_size=40)
+
+    self.assertIs(returned, model)
+    for name, (mean, variance) in expected.items():
+      layer = model.get_layer(name)
+      np.testing.assert_allclose(layer.moving_mean.numpy(), mean,
+                                 rtol=1e-4, atol=1e-5, err_msg=name)
+      np.testing.assert_allclose(layer.moving_variance.numpy(), variance,
+                                 rtol=1e-4, atol=1e-6, err_msg=name)
+      self.assertGreater(np.abs(layer.moving_variance.numpy()
+                                - moving_before[name]).max(), 1e-3, name)
+    # Nothing but the moving statistics changed: not gamma/beta, kernels,
+    # masks, steps.
+    for weight, value in zip(model.weights, before):
+      if "moving_" not in weight.name:
+        np.testing.assert_array_equal(weight.numpy(), value,
+                                      err_msg=weight.name)
+    self.assertEqual(model.opq_calibration.batchnorm_layers,
+                     ("bn", "bn_depthwise", "bn_dense"))
+    self.assertEqual(model.opq_calibration.kernels, {})
+
+  @parameterized.named_parameters(
+      ("array", lambda x, y: x),
+      ("unbatched_images", lambda x, y: tf.data.Dataset.from_tensor_slices(x)),
+      ("batched_pairs",
+       lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(7)),
+      ("unbatched_triples",
+       lambda x, y: tf.data.Dataset.from_tensor_slices((x, y, y))),
+  )
+  def test_data_forms_give_the_same_statistics(self, make_data):
+    reference = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
+    images, labels = _images(90), np.arange(90) % 3
+    calibration.calibrate(reference, images, max_images=64)
+    expected = _weights(reference)
+
+    model = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
+    for weight, value in zip(model.weights, _weights(reference)):
+      weight.assign(value)
+    calibration.calibrate(model, make_data(images, labels), max_images=64)
+
+    self.assertEqual(model.opq_calibration.images, 64)
+    for got, want in zip(_weights(model), expected):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_model_without_batchnorm_warns_and_is_unchanged(self):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(x))
+    qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=4)
+    before = _weights(qmodel)
+
+    with self.assertWarnsRegex(UserWarning, "no BatchNormalization"):
+      self.assertIs(calibration.calibrate(qmodel, _images(20)), qmodel)
+
+    for got, want in zip(_weights(qmodel), before):
+      np.testing.assert_array_equal(got, want)
+
+
+def _single_layer_model(kind: str) -> tuple[keras.Model, tuple]:
+  """One compressed layer fed by the input, so X is the input itself."""
+  shapes = {"conv1d": (12, 6), "conv1d_causal": (12, 6), "dense3d": (5, 24),
+            "separable": (9, 9, 16)}
+  shape = shapes.get(kind, (9, 9, 6))
+  inputs = keras.Input(shape)
+  layer = {
+      "conv_same_strided": keras.layers.Conv2D(12, 3, strides=2,
+                                               padding="same"),
+      "conv_valid_dilated": keras.layers.Conv2D(12, 3, dilation_rate=2),
+      "conv_1x1": keras.layers.Conv2D(12, 1),
+      "conv1d_causal": keras.layers.Conv1D(12, 3, padding="causal"),
+      "conv1d": keras.layers.Conv1D(12, 3, strides=2),
+      "dense3d": keras.layers.Dense(12),
+      "depthwise": keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                                padding="same"),
+      "separable": keras.layers.SeparableConv2D(12, 3, strides=2,
+                                                padding="same"),
+  }[kind]
+  return keras.Model(inputs, layer(inputs)), shape
+
+
+def _correlated_inputs(count, shape, seed=0) -> np.ndarray:
+  """Inputs correlated across channels and neighbouring positions, as image
+  features are: without correlation H is diagonal and error feedback has
+  nothing to work with."""
+  random = np.random.RandomState(seed)
+  base = random.normal(size=(count,) + shape[:-1] + (2,))
+  for axis in range(1, len(shape)):  # 3-wide box filter along each position
+    base = (np.roll(base, 1, axis) + base + np.roll(base, -1, axis)) / 3
+  mixing = random.normal(size=(2, shape[-1]))
+  noise = 0.1 * random.normal(size=(count,) + shape)
+  return (base @ mixing + noise).astype(np.float32)
+
+
+def _output_error(fp32_model, model, images) -> float:
+  """||y - y_hat||^2 / ||y - bias||^2 of a single-layer model."""
+  bias = fp32_model.layers[-1].bias.numpy()
+  reference = fp32_model(images).numpy()
+  return float(np.sum((reference - model(images).numpy()) ** 2)
+               / np.sum((reference - bias) ** 2))
+
+
+class ReconstructTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+
+  def _assert_compressed(self, before: dict, after: dict):
+    """Masks and steps unchanged, pruned exactly 0, kept on the grid."""
+    self.assertEqual(set(before), set(after))
+    moved = 0
+    for key, (kernel, mask, step, bits) in before.items():
+      new_kernel, new_mask, new_step, _ = after[key]
+      np.testing.assert_array_equal(new_mask, mask, err_msg=key)
+      np.testing.assert_array_equal(new_step, step, err_msg=key)
+      np.testing.assert_array_equal(new_kernel[~mask], 0.0, err_msg=key)
+      codes = np.round(new_kernel / step)
+      np.testing.assert_array_equal(
+          (codes * step).astype(np.float32), new_kernel, err_msg=key)
+      self.assertLessEqual(np.abs(codes).max(), grid.max_code(bits), key)
+      moved += np.count_nonzero(new_kernel != kernel)
+    self.assertGreater(moved, 0)
+
+  @parameterized.parameters(
+      "conv_same_strided", "conv_valid_dilated", "conv_1x1", "conv1d",
+      "conv1d_causal", "dense3d", "depthwise", "separable")
+  def test_lowers_output_error_and_stays_on_grid(self, kind):
+    fp32_model, shape = _single_layer_model(kind)
+    qmodel = opq_tf.apply(fp32_model, pruning_rate=0.5, bits=3)
+    images = _correlated_inputs(60, shape)
+    plain_error = _output_error(fp32_model, qmodel, images)
+    before = _kernel_state(qmodel)
+
+    calibration.calibrate(qmodel, images, batchnorm=False, reconstruct=True)
+
+    self._assert_compressed(before, _kernel_state(qmodel))
+    error = _output_error(fp32_model, qmodel, images)
+    self.assertLess(error, 0.9 * plain_error)
+    rows = qmodel.opq_calibration.kernels
+    self.assertTrue(all(row.method == "reconstructed"
+                        for row in rows.values()), rows)
+    if len(rows) == 1:  # the reported errors are the layer's, via im2col H.
+      (row,) = rows.values()
+      self.assertAlmostEqual(row.error_before, plain_error,
+                             delta=1e-3 * plain_error)
+      self.assertAlmostEqual(row.error_after, error, delta=1e-3 * error)
+
+  def test_statistics_do_not_depend_on_the_patch_memory_bound(self):
+    fp32_model, shape = _single_layer_model("conv_same_strided")
+    images = _correlated_inputs(30, shape)
+    reports = []
+    for patch_bytes in (calibration._PATCH_BYTES, 1):  # pylint: disable=protected-access
+      qmodel = opq_tf.apply(fp32_model, pruning_rate=0.5, bits=3)
+      with mock.patch.object(calibration, "_PATCH_BYTES", patch_bytes):
+        calibration.calibrate(qmodel, images, batchnorm=False,
+                              reconstruct=True)
+      (row,) = qmodel.opq_calibration.kernels.values()
+      reports.append(row)
+    self.assertEqual(reports[0].samples_per_weight,
+                     reports[1].samples_per_weight)
+    self.assertAlmostEqual(reports[0].error_before, reports[1].error_before,
+                           delta=1e-5 * reports[0].error_before)
+    self.assertLess(reports[1].error_after, 0.9 * reports[1].error_before)
+
+  @parameterized.parameters("kernel", "channel")
+  def test_stripped_model_matches_wrapped(self, step_granularity):
+    qmodel = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3,
+                          step_granularity=step_granularity)
+    stripped = _strip(qmodel)
+    images = _correlated_inputs(200, (8, 8, 3))
+    before = _kernel_state(stripped)
+    self.assertEqual(step_granularity == "channel",
+                     np.ndim(stripped.opq_kernels[0].step) > 0)
+
+    calibration.calibrate(stripped, images, reconstruct=True)
+    calibration.calibrate(qmodel, images, reconstruct=True)
+
+    self._assert_compressed(before, _kernel_state(stripped))
+    self._assert_compressed(before, _kernel_state(qmodel))
+    rows = stripped.opq_calibration.kernels
+    for key, row in rows.items():
+      self.assertLessEqual(row.error_after, row.error_before, key)
+    self.assertLess(rows["conv/kernel"].error_after,
+                    0.9 * rows["conv/kernel"].error_before)
+    # The same computation as on the wrapped model.
+    self.assertEqual(qmodel.opq_calibration, stripped.opq_calibration)
+    wrapped_state = _kernel_state(qmodel)
+    for key, (kernel, *_) in _kernel_state(stripped).items():
+      np.testing.assert_array_equal(kernel, wrapped_state[key][0], key)
+    np.testing.assert_allclose(stripped.predict(images, verbose=0),
+                               qmodel.predict(images, verbose=0),
+                               rtol=1e-4, atol=1e-4)
+
+  def test_few_samples_per_weight_keep_plain_rounding(self):
+    qmodel = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
+    before = _kernel_state(qmodel)
+    # 40 images: "dense" (16 inputs) sees 2.5 samples per input weight < 4,
+    # "logits" (8 inputs) 5.
+    calibration.calibrate(qmodel, _correlated_inputs(40, (8, 8, 3)),
+                          reconstruct=True)
+
+    after = _kernel_state(qmodel)
+    rows = qmodel.opq_calibration.kernels
+    self.assertEqual(rows["dense/kernel"].method, "plain rounding")
+    self.assertIn("samples per input weight", rows["dense/kernel"].reason)
+    self.assertEqual(rows["dense/kernel"].samples_per_weight, 2.5)
+    np.testing.assert_array_equal(after["dense/kernel"][0],
+                                  before["dense/kernel"][0])
+    self.assertEqual(rows["logits/kernel"].method, "reconstructed")
+    self.assertEqual(rows["conv/kernel"].method, "reconstructed")
+
+  def test_mirrored_strategy_gives_the_same_result(self):
+    fp32 = _trained(_bn_model)
+    images = _images(100)
+    single = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
+    calibration.calibrate(single, images, reconstruct=True)
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    self.assertEqual(strategy.num_replicas_in_sync, 2)
+    with strategy.scope():
+      mirrored_fp32 = _bn_model()
+      mirrored_fp32.set_weights(fp32.get_weights())
+      mirrored = opq_tf.apply(mirrored_fp32, pruning_rate=0.6, bits=3)
+      calibration.calibrate(mirrored, images, reconstruct=True)
+
+    self.assertIsInstance(mirrored.get_layer("bn").moving_mean,
+                          tf.distribute.DistributedValues)
+    for got, want in zip(mirrored.weights, single.weights):
+      np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4,
+                                 atol=1e-5, err_msg=want.name)
+    # Both replicas hold the re-estimated statistics.
+    for component in mirrored.get_layer("bn").moving_variance.values:
+      np.testing.assert_allclose(
+          component.numpy(), single.get_layer("bn").moving_variance.numpy(),
+          rtol=1e-4)
+
+
+class ErrorTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+
+  @parameterized.named_parameters(
+      ("wrong_shape", lambda: _images(10, shape=(6, 6, 3)), ValueError,
+       r"shape .*\(N, 8, 8, 3\)"),
+      ("wrong_rank", lambda: _images(10)[0], ValueError, r"\(N, 8, 8, 3\)"),
+      ("strings", lambda: tf.data.Dataset.from_tensor_slices(["a", "b"]),
+       TypeError, "decode"),
+      ("booleans", lambda: np.zeros((4, 8, 8, 3), bool), TypeError, "decode"),
+      ("dict_dataset", lambda: tf.data.Dataset.from_tensor_slices(
+          {"image": _images(4)}), TypeError, "Map it to images"),
+      ("list", lambda: [_images(4)], TypeError, "NumPy array"),
+      ("empty_dataset",
+       lambda: tf.data.Dataset.from_tensor_slices(_images(4)).take(0),
+       ValueError, "empty"),
+      ("empty_array", lambda: _images(0), ValueError, "empty"),
+  )
+  def test_bad_data_names_the_fix_and_changes_nothing(self, make_data, error,
+                                                      message):
+    qmodel = opq_tf.apply(_trained(_bn_model, steps=1), pruning_rate=0.6,
+                          bits=3)
+    before = _weights(qmodel)
+    with self.assertRaisesRegex(error, message):
+      calibration.calibrate(qmodel, make_data(), reconstruct=True)
+    for got, want in zip(_weights(qmodel), before):
+      np.testing.assert_array_equal(got, want)
+    self.assertFalse(hasattr(qmodel, "opq_calibration"))
+
+  @parameterized.named_parameters(("fp32", False), ("stripped_bare", True))
+  def test_model_never_applied(self, stripped_bare):
+    model = _bn_model()
+    if stripped_bare:  # a plain model without strip's opq_kernels record
+      model = opq_tf.strip(opq_tf.apply(model, pruning_rate=0.5, bits=4))
+      if hasattr(model, "opq_kernels"):
+        del model.opq_kernels
+    before = _weights(model)
+    with self.assertRaisesRegex(ValueError, r"never applied.*opq_tf\.apply"):
+      calibration.calibrate(model, _images(10))
+    for got, want in zip(_weights(model), before):
+      np.testing.assert_array_equal(got, want)
+
+  @parameterized.named_parameters(
+      ("max_images", {"max_images": 0}, "max_images"),
+      ("batch_size", {"batch_size": 2.5}, "batch_size"),
+      ("damping", {"damping": 0.0}, "damping"),
+  )
+  def test_bad_options(self, options, message):
+    qmodel = opq_tf.apply(_bn_model(), pruning_rate=0.5, bits=4)
+    with self.assertRaisesRegex(ValueError, message):
+      calibration.calibrate(qmodel, _images(10), **options)
+
+  def test_failure_half_way_restores_every_variable(self):
+    qmodel = opq_tf.apply(_trained(_bn_model, steps=1), pruning_rate=0.6,
+                          bits=3)
+    before = _weights(qmodel)
+    real = calibration._error_feedback_rounding  # pylint: disable=protected-access
+    calls = []
+
+    def fail_on_third(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 3:
+        raise MemoryError("out of memory")
+      return real(*args, **kwargs)
+
+    with mock.patch.object(calibration, "_error_feedback_rounding",
+                           fail_on_third):
+      with self.assertRaises(MemoryError):
+        calibration.calibrate(qmodel, _images(100), reconstruct=True)
+    self.assertLen(calls, 3)  # BN and two kernels had changed by then
+    for got, want in zip(_weights(qmodel), before):
+      np.testing.assert_array_equal(got, want)
+
+
+if __name__ == "__main__":
+  absltest.main()
