@@ -16,9 +16,11 @@ batchnorm, batchnorm + reconstruct) it records top-1 / top-5 on the evaluation
 half, realised sparsity, weight-bits ratio (32 bits per stored step), and the
 allocation and calibration times. Methods:
 
-- opq/per_kernel, opq/total: `opq_tf.allocate(method="opq", objective=...)`;
+- opq/per_kernel, opq/total: `opq_tf.allocate(method="opq", objective=...)`,
+  with the default steps (the Laplace optimum refined on the weights);
+  opq/per_kernel+laplace_steps keeps the Laplace model's steps as they are;
 - uniform, global_magnitude: the same per-layer / global magnitude pruning
-  with OPQ's Laplace-optimal steps;
+  with OPQ's steps;
 - tfmot: per-layer magnitude pruning (tfmot's ConstantSparsity masks every
   layer at p) with tfmot's own weight quantizer, `LastValueQuantizer`
   (symmetric, narrow range: step = max|w| / K per tensor, or per output
@@ -74,11 +76,15 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Centre crop size.")
 _QUICK = flags.DEFINE_bool("quick", False, "Two rows only, to check it runs.")
 _SETTINGS = flags.DEFINE_string("settings", "0.5:8,0.656:4,0.8:4",
                                 "p:B pairs.")
+_RECONSTRUCT = flags.DEFINE_string(
+    "reconstruct", "all", "Rows (method/granularity, comma-separated) that "
+    "also get batchnorm+reconstruct, or 'all'; reconstruction costs minutes "
+    "per row on 2 cores.")
 _OUT = flags.DEFINE_string("out", os.path.join(_ROOT, "docs"),
                            "Where the results files go.")
 
-METHODS = ("opq/per_kernel", "opq/total", "uniform", "global_magnitude",
-           "tfmot")
+METHODS = ("opq/per_kernel", "opq/per_kernel+laplace_steps", "opq/total",
+           "uniform", "global_magnitude", "tfmot")
 GRANULARITIES = ("channel", "kernel")
 CALIBRATIONS = ("none", "batchnorm", "batchnorm+reconstruct")
 _EVAL_BATCH = 50
@@ -185,10 +191,12 @@ def plan_for(model, method: str, pruning_rate: float, bits: int,
              granularity: str) -> opq_tf.CompressionPlan:
   if method == "tfmot":
     return tfmot_plan(model, pruning_rate, bits, granularity)
+  method, _, step_fit = method.partition("+")
   name, _, objective = method.partition("/")
   return opq_tf.allocate(model, pruning_rate, bits, method=name,
                          objective=objective or "per_kernel",
-                         step_granularity=granularity)
+                         step_granularity=granularity,
+                         step_fit="laplace" if step_fit else "weights")
 
 
 def run_row(model, images: Images, method: str, pruning_rate: float,
@@ -306,8 +314,11 @@ def main(argv: Sequence[str]) -> None:
       "calibration_images": len(images.calibration),
       "evaluation_images": len(images.evaluation),
   }
+  chosen = set(_RECONSTRUCT.value.split(","))
   for p, b, method, granularity in jobs:
-    rows += run_row(model, images, method, p, b, granularity, CALIBRATIONS)
+    calibrations = [c for c in CALIBRATIONS if not c.endswith("reconstruct")
+                    or "all" in chosen or f"{method}/{granularity}" in chosen]
+    rows += run_row(model, images, method, p, b, granularity, calibrations)
     files.write_json(results_path, {"fp32": fp32, "context": context,
                                     "rows": rows})
   if not _QUICK.value:

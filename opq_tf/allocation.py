@@ -49,6 +49,8 @@ METHODS = ("opq", "uniform", "global_magnitude")
 OBJECTIVES = ("per_kernel", "total")
 STEP_GRANULARITIES = ("channel", "kernel")
 STEP_STATS = ("channel", "layer")
+STEP_FITS = ("weights", "laplace")
+_FIT_ROWS = 512
 _OVERRIDE_OPTIONS = ("skip", "bits", "min_kept")
 _FORMAT_VERSION = 2
 
@@ -62,6 +64,8 @@ class KernelPlan:
   `step` is a float (kernel granularity) or a tuple of floats, one per output
   channel, in C order over `channel_axes` (channel granularity).
   `mean_square` is σ² = mean(w²), the scale of the per-kernel objective.
+  `modelled_error` is the Laplace model's error at the model's own step (before
+  a "weights" step fit refines it on the actual weights).
   """
 
   name: str
@@ -102,6 +106,7 @@ class CompressionPlan:
   objective: str
   step_granularity: str
   step_stats: str
+  step_fit: str
   target_pruning_rate: float
   bits: int
   kernels: list[KernelPlan]
@@ -255,6 +260,7 @@ def allocate(
     objective: str = "per_kernel",
     step_granularity: str = "channel",
     step_stats: str = "channel",
+    step_fit: str = "weights",
     overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
     **renamed: Any,
 ) -> CompressionPlan:
@@ -272,6 +278,9 @@ def allocate(
     step_granularity: "channel" (one step per output channel) or "kernel".
     step_stats: for kernel granularity, "channel" (unified channel-wise step)
       or "layer".
+    step_fit: "weights" (default): starting from the Laplace-optimal step,
+      each step is refined to minimise the actual squared error of the kept
+      weights it quantizes; "laplace": the Laplace model's step as it is.
     overrides: per layer name or "layer/weight" key, a dict of `skip` (leave
       FP32), `bits` (2..8) and `min_kept` (the least fraction kept, in [0, 1]).
     **renamed: refused with the new name (`strategy` is now `method`).
@@ -296,7 +305,8 @@ def allocate(
                                ("objective", objective, OBJECTIVES),
                                ("step_granularity", step_granularity,
                                 STEP_GRANULARITIES),
-                               ("step_stats", step_stats, STEP_STATS)):
+                               ("step_stats", step_stats, STEP_STATS),
+                               ("step_fit", step_fit, STEP_FITS)):
     if value not in choices:
       raise ValueError(f"Unknown {name} {value!r}; use one of {choices}.")
   named = _named_kernels(model_or_kernels)
@@ -321,11 +331,12 @@ def allocate(
   thresholds = [min(t, k.threshold_cap) for t, k in zip(thresholds, kernels)]
 
   plans = [
-      _plan_kernel(kernel, threshold, step_granularity, step_stats)
+      _plan_kernel(kernel, threshold, step_granularity, step_stats, step_fit)
       for kernel, threshold in zip(kernels, thresholds)
   ]
   _warn_about_emptied_kernels(plans)
   return CompressionPlan(method, objective, step_granularity, step_stats,
+                         step_fit,
                          float(pruning_rate), int(bits), plans, skipped)
 
 
@@ -531,7 +542,7 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float,
 
 
 def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
-                 step_stats: str) -> KernelPlan:
+                 step_stats: str, step_fit: str) -> KernelPlan:
   scale, bits = kernel.scale, kernel.bits
   unit_threshold = threshold / scale
   kernel_step = scale * float(laplace.optimal_unit_step(unit_threshold, bits))
@@ -557,6 +568,8 @@ def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
         kernel_step / 8.0, kernel_step * 8.0))
     errors = live**2 * laplace.unit_error(threshold / live, step / live, bits)
     modelled_error = float(np.sum(errors)) / channel_scales.size
+  if step_fit == "weights":
+    step = _fit_to_weights(kernel, threshold, step, step_granularity)
   if step_granularity == "kernel" and step_stats == "layer":
     modelled_pruned = float(laplace.unit_pruned_fraction(unit_threshold))
   else:
@@ -581,6 +594,70 @@ def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
       modelled_error=modelled_error,
       kept=kernel.size - pruned,
   )
+
+
+def _fit_to_weights(kernel: _Kernel, threshold: float, step: Step,
+                    step_granularity: str) -> Step:
+  """Refines each step to minimise the squared error of its kept weights.
+
+  The Laplace model's step is right for Laplace-shaped weights; real
+  channels are often lighter- or heavier-tailed, and at B = 4 the model's step
+  then clips or wastes levels (measured on ImageNet MobileNet-V1 at
+  p = 0.656, B = 4: top-1 after BatchNorm re-estimation 24.4% with the model's
+  channel steps, 39.0% with steps fitted to the weights). Each step is
+  searched in [step/4, 4·step]: a log-spaced scan of 25 points, then golden
+  section between the best point's neighbours, all channels at once.
+  """
+  values = np.asarray(kernel.values, np.float32)
+  channels = (grid.channel_count(values.shape, kernel.channel_axes)
+              if step_granularity == "channel" else 1)
+  if channels > 1:
+    values = np.moveaxis(
+        values, [axis % values.ndim for axis in kernel.channel_axes],
+        range(values.ndim - len(kernel.channel_axes), values.ndim))
+  every = values.reshape(-1, channels)
+  every = np.where(np.abs(every) >= threshold, every, np.float32(0))
+  # The search reads at most _FIT_ROWS weights of each channel (every n-th,
+  # plus each channel's largest, which sets the clipping): ResNet-50's 25M
+  # weights would otherwise cost seconds.
+  stride = max(1, -(-every.shape[0] // _FIT_ROWS))
+  kept = np.concatenate([every[::stride], every[np.argmax(
+      np.abs(every), axis=0), np.arange(channels)][None]])
+  start = np.asarray(step, np.float64).reshape(channels)
+  max_code = grid.max_code(kernel.bits)
+
+  def error(log_factor: np.ndarray, weights: np.ndarray = kept) -> np.ndarray:
+    scale = (start * np.exp(log_factor)).astype(np.float32)
+    codes = np.clip(np.round(weights / scale), -max_code, max_code)
+    return np.sum(np.square(weights - codes * scale), axis=0, dtype=np.float64)
+
+  log_factors = np.linspace(-np.log(4.0), np.log(4.0), 25)
+  errors = np.stack([error(np.full(channels, f)) for f in log_factors])
+  best = np.argmin(errors, axis=0)
+  spacing = log_factors[1] - log_factors[0]
+  low, high = log_factors[best] - spacing, log_factors[best] + spacing
+  golden = (np.sqrt(5.0) - 1.0) / 2.0
+  c, d = high - golden * (high - low), low + golden * (high - low)
+  error_c, error_d = error(c), error(d)
+  for _ in range(12):
+    left = error_c < error_d
+    low, high = np.where(left, low, c), np.where(left, d, high)
+    c, d = (np.where(left, high - golden * (high - low), d),
+            np.where(left, c, low + golden * (high - low)))
+    probe = np.where(left, c, d)
+    error_probe = error(probe)
+    error_c, error_d = (np.where(left, error_probe, error_d),
+                        np.where(left, error_c, error_probe))
+  candidates = np.stack([np.zeros(channels), log_factors[best],
+                         (low + high) / 2.0])
+  candidate_errors = np.stack([error(c, every) for c in candidates])
+  choice = candidates[np.argmin(candidate_errors, axis=0), np.arange(channels)]
+  # A channel with nothing kept has no error to fit: keep the model's step.
+  choice = np.where(np.any(kept != 0, axis=0), choice, 0.0)
+  fitted = start * np.exp(choice)
+  if step_granularity == "channel":
+    return tuple(float(np.float32(s)) for s in fitted)
+  return float(fitted[0])
 
 
 def _grouped_channel_error(scales: np.ndarray, threshold: float, bits: int):

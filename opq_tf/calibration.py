@@ -41,6 +41,7 @@ samples per input weight raised it by 1.5 points. Those are the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -199,9 +200,19 @@ def calibrate(
     if batchnorm and bn_layers:
       reestimated = _reestimate_batchnorm(model, bn_layers, batches)
     if reconstruct:
-      for kernel in kernels:
-        rows[kernel.key] = _reconstruct_kernel(
-            model, kernel, kernels, batches, damping, min_samples_per_weight)
+      # Each reconstructed kernel changes its layer's output statistics, so
+      # moving statistics estimated before it are stale for every layer
+      # after it: taking the next layers' inputs through them drifts further
+      # with every layer (measured on ImageNet MobileNet: top-1 0.4% before
+      # the final re-estimation, and 3 points below plain rounding after
+      # it). With batchnorm, inputs are therefore taken with every
+      # BatchNorm normalising by its batch statistics, as the final
+      # re-estimation will make them.
+      with (_batch_statistics_mode(bn_layers) if batchnorm
+            else contextlib.nullcontext()):
+        for kernel in kernels:
+          rows[kernel.key] = _reconstruct_kernel(
+              model, kernel, kernels, batches, damping, min_samples_per_weight)
       if batchnorm and bn_layers:
         _reestimate_batchnorm(model, bn_layers, batches)
   except BaseException:
@@ -401,6 +412,22 @@ def _batch_statistics_call(layer, records: list) -> Callable:
     return tf.cast(outputs, inputs.dtype)
 
   return call
+
+
+@contextlib.contextmanager
+def _batch_statistics_mode(bn_layers):
+  """Every BatchNorm in `bn_layers` normalises by batch statistics inside."""
+  originals = {layer: layer.__dict__.get("call") for layer in bn_layers}
+  try:
+    for layer in bn_layers:
+      layer.call = _batch_statistics_call(layer, [])
+    yield
+  finally:
+    for layer, original in originals.items():
+      if original is None:
+        del layer.call
+      else:
+        layer.call = original
 
 
 def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:

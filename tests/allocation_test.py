@@ -156,14 +156,16 @@ class AllocateTest(parameterized.TestCase):
     rng = np.random.default_rng(3)
     scales = np.geomspace(0.005, 0.2, 64)
     kernel = {"conv/kernel": rng.laplace(size=(3, 3, 16, 64)) * scales}
-    plan = opq_tf.allocate(kernel, 0.8, 4, step_granularity="channel")
+    plan = opq_tf.allocate(kernel, 0.8, 4, step_granularity="channel",
+                           step_fit="laplace")
     entry = plan.kernels[0]
     self.assertLen(entry.step, 64)
     self.assertEqual(entry.step_array().shape, (64,))
     b = np.abs(kernel["conv/kernel"]).reshape(-1, 64).mean(0)
     want = b * laplace.optimal_unit_step(entry.threshold / b, 4)
     np.testing.assert_allclose(entry.step, want, rtol=1e-4)  # table vs search
-    shared = opq_tf.allocate(kernel, 0.8, 4, step_granularity="kernel")
+    shared = opq_tf.allocate(kernel, 0.8, 4, step_granularity="kernel",
+                             step_fit="laplace")
     self.assertLess(entry.modelled_error, shared.kernels[0].modelled_error)
     # Every stored step costs 32 bits in the ratio.
     self.assertAlmostEqual(
@@ -190,6 +192,33 @@ class AllocateTest(parameterized.TestCase):
     self.assertAlmostEqual(channel.modelled_error,
                            channel_model_error(channel.step),
                            delta=1e-6 * channel.modelled_error)
+
+  @parameterized.parameters("kernel", "channel")
+  def test_steps_fitted_to_the_weights_lower_their_actual_error(self,
+                                                                granularity):
+    # Gaussian channels have lighter tails than the Laplace model: the
+    # model's step wastes levels on them, the fitted step is smaller and its
+    # actual squared error over the kept weights is lower in every channel.
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=(3, 3, 16, 8)) * np.geomspace(0.01, 0.1, 8)
+    options = dict(step_granularity=granularity)
+    model = opq_tf.allocate({"c/kernel": values}, 0.6, 4, step_fit="laplace",
+                            **options).kernels[0]
+    fitted = opq_tf.allocate({"c/kernel": values}, 0.6, 4, step_fit="weights",
+                             **options).kernels[0]
+    self.assertEqual(model.threshold, fitted.threshold)
+    kept = np.abs(values) >= fitted.threshold
+
+    def error(entry):
+      step = entry.step_array().astype(np.float64)
+      codes = np.clip(np.round(values / step), -7, 7)
+      return np.sum(np.where(kept, values - codes * step, 0)**2,
+                    axis=(0, 1, 2))
+
+    if granularity == "channel":  # Each channel's own step is fitted.
+      self.assertTrue(np.all(error(fitted) <= error(model) * (1 + 1e-9)))
+    self.assertLess(np.sum(error(fitted)), 0.9 * np.sum(error(model)))
+    self.assertLess(np.median(fitted.step), np.median(model.step))
 
   @parameterized.parameters("kernel", "channel")
   def test_depthwise_channels_are_the_last_two_axes(self, granularity):
