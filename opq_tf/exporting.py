@@ -214,8 +214,11 @@ def export(
     *,
     serving_fn: Optional[Callable[..., Any]] = None,
     input_signature: Optional[Sequence[tf.TensorSpec]] = None,
+    litert: bool = False,
+    litert_int8_activations: bool = False,
+    representative_data: Optional[Callable[[], Any]] = None,
 ) -> dict:
-  """Writes `directory` with saved_model/, report.json and model.opq.
+  """Writes `directory` with saved_model/, report.json, model.opq (+ .tflite).
 
   Everything is written under a temporary sibling and renamed at the end, so
   an error leaves no partial directory.
@@ -232,6 +235,12 @@ def export(
     input_signature: the serving inputs; default one float32 batch
       `(None, *input shape)` per model input, named "inputs" for a
       single-input model.
+    litert: also write model.tflite (`opq_tf.litert.convert`), whose int8
+      weights are exactly the OPQ codes; report.json gains its facts under
+      "litert".
+    litert_int8_activations: quantize the .tflite's activations to int8 too
+      (needs `representative_data`, a function yielding [one-image batch]).
+    representative_data: see litert_int8_activations.
 
   Returns:
     The report (also written to report.json).
@@ -266,6 +275,15 @@ def export(
       stats = packing.write_packed(os.path.join(temp, PACKED_FILE), packed,
                                    rest)
       report = _report(model, kernels, packed, rest, stats)
+      if litert:
+        # Imported on use: it loads the LiteRT runtime and flatbuffer schema.
+        from opq_tf import litert as litert_lib  # pylint: disable=g-import-not-at-top
+
+        report["litert"] = litert_lib.convert(
+            model, os.path.join(temp, litert_lib.LITERT_FILE),
+            int8_activations=litert_int8_activations,
+            representative_data=representative_data)
+        report["files"]["litert"] = litert_lib.LITERT_FILE
       files.write_json(os.path.join(temp, REPORT_FILE), report)
       _check_target(directory)
       if os.path.isdir(directory):

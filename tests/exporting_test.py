@@ -206,6 +206,22 @@ class ExportTest(parameterized.TestCase):
         self.stripped(decoded.astype(np.float32) / 255.0, training=False))
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
+  def test_litert_file_beside_the_others_holds_the_codes(self):
+    from opq_tf import litert  # pylint: disable=g-import-not-at-top
+
+    report = export(self.qmodel, self.target, litert=True)
+    path = os.path.join(self.target, "model.tflite")
+    self.assertEqual(report["litert"]["bytes"], os.path.getsize(path))
+    self.assertEqual(report["files"]["litert"], "model.tflite")
+    self.assertIn("int8", report["litert"]["bits_note"])
+    stored = litert.read_weights(path)
+    dense = stored["fc/kernel"]  # No BatchNorm folded in: scale = step.
+    kernel = {k.key: k for k in compressed_kernels(self.qmodel)}["fc/kernel"]
+    np.testing.assert_array_equal(dense.values, kernel.codes.T)
+    np.testing.assert_array_equal(np.asarray(dense.scales, np.float32),
+                                  np.ravel(kernel.step))
+    self.assertEqual(_siblings(self.target), [])
+
   def test_export_into_existing_empty_directory(self):
     os.mkdir(self.target)
     export(self.qmodel, self.target)
