@@ -24,6 +24,7 @@ from absl import flags
 
 from opq_tf import digits_imagenet
 from opq_tf import imagenet_input
+from opq_tf import imagenet_manual
 from opq_tf._keras import tf
 
 _DATA_DIR = flags.DEFINE_string(
@@ -88,7 +89,7 @@ def main(argv: Sequence[str]) -> None:
       digits_imagenet.build_manual_dir(manual_dir, image_size=size)
       source = f"digits stand-in, {size}x{size} JPEG"
     start = time.perf_counter()
-    imagenet_input.prepare(data_dir, manual_dir)
+    imagenet_manual.prepare(data_dir, manual_dir)
     prepare_seconds = time.perf_counter() - start
     sizes = [int(s) for s in (_IMAGE_SIZES.value or [224, _DIGITS_SIZE.value])]
     print(f"prepare: {prepare_seconds:.2f} s; {os.cpu_count()} CPUs; "

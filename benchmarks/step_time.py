@@ -1,111 +1,103 @@
 """Train-step time of OPQ-wrapped models against FP32 and tfmot, one run.
 
-Issue target: an OPQ finetuning step of ResNet-50 / MobileNet-V1 at 224x224
-costs at most 1.15x the FP32 step.
-
     python -m benchmarks.step_time             # -> docs/step_time_results.md
     python -m benchmarks.step_time --batch_size=64   # on a GPU: 64 or more
-    python -m benchmarks.step_time --quick     # tiny_cnn, 32x32, 2 steps
+    python -m benchmarks.step_time --quick     # configs/default.py, 2 steps
 
-Variants, all tf_keras.applications models (weights=None, 1000 logits) fed
-the same random batch, trained by the same step (a tf.function, with and
-without jit_compile: GradientTape, cross-entropy, SGD momentum 0.9):
+Times the trainer's own step, `training.make_train_step` (cross-entropy over
+the global batch + the config's `kernel_l2` weight decay, SGD momentum, the
+all-reduce), under the strategy the trainers use (`distribute.make_strategy`,
+--strategy / --cpu_devices as in trainers/), with and without its
+jit_compile (XLA for the forward/backward pass). Models, pruning rate p, bits
+B and the allocation options come from the configs (configs/<name>.py:
+`models.build(config.model, ...)`, config.pruning_rate, config.bits, ...);
+only the image size and batch are flags (a 2-core CPU cannot run 224x224 at
+the configs' batch 256).
 
-| variant     | model                                                  |
-|-------------|--------------------------------------------------------|
-| fp32        | the plain model                                        |
-| opq         | opq_tf.apply(model, pruning_rate=p, bits=B)            |
-| tfmot_prune | prune_low_magnitude, ConstantSparsity(p), frequency 100 |
-| tfmot_pqat  | prune -> strip_pruning -> quantize_annotate_model ->   |
-|             | quantize_apply(Default8BitPrunePreserveQuantizeScheme) |
-| opq_ops     | OPQ's quantizer alone (forward, STE backward), all kernels |
+| variant     | model                                                        |
+|-------------|--------------------------------------------------------------|
+| fp32        | the plain model                                              |
+| opq         | opq_tf.apply(model, allocate(model, config's p, B, options)) |
+| tfmot_prune | prune_low_magnitude, ConstantSparsity(p), frequency 100      |
+| tfmot_pqat  | prune -> strip -> 8-bit prune-preserving QAT                 |
+| opq_ops     | OPQ's quantizer alone (forward, STE backward), all kernels   |
 
-p and B are the configs' (ResNet-50 0.79 / 4, MobileNet-V1 0.656 / 4).
---models takes resnet50, mobilenet_v1 and tiny_cnn (five layers, for --quick).
-
-The machines this runs on are shared, so only ratios taken in one run mean
-something: the step functions are called round-robin (the order rotated each
-round), each step's wall and process CPU time is recorded, and a variant's
-ratio is the median over rounds of its time divided by the FP32 time of the
-same round and jit setting. A variant that fails (e.g. an op XLA cannot
-compile) gets its error in the table instead of stopping the run.
+The tfmot variants are benchmarks/tfmot_baselines.py's. Every variant gets
+the same random batch (from a repeated dataset, distributed as the trainer
+distributes its input). The step functions are called round-robin (the order
+rotated each round); each step's wall and process CPU time is recorded, and a
+variant's ratio is the median over rounds of its time divided by the FP32
+time of the same round and jit setting: only ratios taken in one run mean
+something on a shared machine. A variant that fails gets its error in the
+table instead of stopping the run. Writes a markdown file of tables and a
+JSON file of every time; the analysis is in docs/benchmarks.md.
 """
 
 import dataclasses
 import datetime
+import importlib
 import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
+from benchmarks import tfmot_baselines
+from opq_tf import allocation
+from opq_tf import distribute
+from opq_tf import files
+from opq_tf import models
+from opq_tf import training
+from opq_tf import wrapping
 from opq_tf._keras import keras, tf, tfmot
-from opq_tf.wrapping import apply as opq_apply
 from opq_tf.quantizers import OPQWeightQuantizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_OUTPUT = os.path.join(_REPO, "docs", "step_time_results.md")
 
-_MODELS = flags.DEFINE_list("models", ["resnet50", "mobilenet_v1"],
-                            "Architectures to time.")
+CONFIGS = ("resnet50", "mobilenet_v1", "alexnet", "default")
+
+_CONFIGS = flags.DEFINE_list(
+    "configs", ["resnet50", "mobilenet_v1"],
+    f"configs/<name>.py to time, some of {list(CONFIGS)}.")
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 8, "Images per step (8 suits a 2-core CPU; 64+ on a GPU).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Input height = width.")
+    "batch_size", 8, "Global batch (8 suits a 2-core CPU; 64+ on a GPU).")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 224, "Input height = width (0: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (rounds) per variant.")
 _WARMUP = flags.DEFINE_integer(
     "warmup", 2, "Untimed steps per variant, the first one tracing/compiling.")
 _JIT = flags.DEFINE_list("jit_compile", ["false", "true"],
-                         "tf.function jit_compile settings to time.")
+                         "make_train_step jit_compile settings to time.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["fp32", "opq", "tfmot_prune", "tfmot_pqat", "opq_ops"],
     "Variants to time (fp32, the baseline of every ratio, is always timed).")
+_STRATEGY = flags.DEFINE_enum("strategy", "mirrored", distribute.STRATEGIES,
+                              "tf.distribute strategy, as the trainers'.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into N replicas, as the trainers'.")
 _QUICK = flags.DEFINE_bool(
-    "quick", False, "Smoke run: tiny_cnn, 32x32, batch 2, 1 warmup + 2 timed "
-    "steps (flags given explicitly still win, e.g. --models=mobilenet_v1); "
-    "writes --output only if it is given.")
-_OUTPUT = flags.DEFINE_string("output", _DEFAULT_OUTPUT,
-                              "Markdown file to write the results to.")
+    "quick", False, "Smoke run: configs/default.py at its 32x32, batch 2, 1 "
+    "warmup + 2 timed steps (flags given explicitly still win); writes "
+    "--output only if it is given.")
+_OUTPUT = flags.DEFINE_string(
+    "output", _DEFAULT_OUTPUT,
+    "Markdown file to write (and the JSON of every time beside it, .json).")
 
-
-
-def tiny_cnn(weights=None, input_shape=(32, 32, 3), classes=1000,
-             classifier_activation=None) -> keras.Model:
-  """MobileNet's layer kinds in five layers, for --quick (a smoke test).
-
-  Same signature as the keras.applications builders; conv -> BN -> ReLU ->
-  depthwise conv -> BN -> ReLU -> 1x1 conv -> global pool -> dense.
-  """
-  if weights is not None:
-    raise ValueError("tiny_cnn has no pre-trained weights; use weights=None.")
-  layers = keras.layers
-  inputs = keras.Input(input_shape)
-  x = layers.Conv2D(16, 3, strides=2, use_bias=False)(inputs)
-  x = layers.ReLU()(layers.BatchNormalization()(x))
-  x = layers.DepthwiseConv2D(3, use_bias=False)(x)
-  x = layers.ReLU()(layers.BatchNormalization()(x))
-  x = layers.GlobalAveragePooling2D()(layers.Conv2D(32, 1)(x))
-  outputs = layers.Dense(classes, activation=classifier_activation)(x)
-  return keras.Model(inputs, outputs, name="tiny_cnn")
-
-
-# Architecture, pruning rate and bit-width of the configs (weight-bits ratio
-# 38.03x and 23.26x, the paper's figures; see the method doc, part C).
-ARCHITECTURES = {
-    "resnet50": (keras.applications.ResNet50, 0.79, 4),
-    "mobilenet_v1": (keras.applications.MobileNet, 0.656, 4),
-    "tiny_cnn": (tiny_cnn, 0.656, 4),
-}
 VARIANTS = ("fp32", "opq", "tfmot_prune", "tfmot_pqat", "opq_ops")
-_PRUNING_FREQUENCY = 100  # tfmot's default mask-update frequency.
-_LEARNING_RATE = 0.005  # The paper's ImageNet finetuning rate.
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(): the model, p, B and recipe timed."""
+  return importlib.import_module(f"configs.{name}").get_config()
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,106 +114,50 @@ class Timing:
 
 
 def _error_text(error: Exception) -> str:
-  """One line naming the failure (XLA's unsupported-op line if there is one)."""
+  """One line naming the failure: XLA's unsupported-op line, or the innermost
+  error of a traced function (e.g. a `merge_call` that XLA cannot hold)."""
   text = str(error)
   found = re.search(r"Detected unsupported operations[^\n]*\n?[^\n]*", text)
-  line = found.group(0) if found else (text.strip().splitlines() or [""])[0]
+  innermost = [line.strip() for line in text.splitlines()
+               if re.match(r"\s*\w+Error: ", line)
+               and "in user code" not in line
+               and "Exception encountered" not in line]
+  if found:
+    line = found.group(0)
+  elif innermost:
+    line = innermost[-1].split(". ")[0]
+  else:
+    line = (text.strip().splitlines() or [""])[0]
   line = " ".join(line.split()).replace("|", "/")
-  return f"{type(error).__name__}: {line[:300]}"
+  if not re.match(r"\w+Error: ", line):
+    line = f"{type(error).__name__}: {line}"
+  return line[:300]
 
 
-def _fresh_copy(model: keras.Model) -> keras.Model:
-  """A clone with its own variables holding `model`'s values."""
-  copy = keras.models.clone_model(model)
-  copy.set_weights(model.get_weights())
-  return copy
-
-
-def _tfmot_pruned(model: keras.Model, pruning_rate: float) -> keras.Model:
-  """prune_low_magnitude with masks already computed once, as after step 1.
-
-  ConstantSparsity(begin_step=1, frequency=100): the wrapper increments its
-  step before the mask update, so the masks are computed (top-k) in the first
-  training call and again every 100 steps; the timed steps fall between.
-  """
-  schedule = tfmot.sparsity.keras.ConstantSparsity(
-      pruning_rate, begin_step=1, frequency=_PRUNING_FREQUENCY)
-  pruned = tfmot.sparsity.keras.prune_low_magnitude(
-      _fresh_copy(model), pruning_schedule=schedule)
-  callback = tfmot.sparsity.keras.UpdatePruningStep()
-  callback.set_model(pruned)
-  callback.on_train_begin()  # Sets every wrapper's step to 0, as fit() does.
-  return pruned
-
-
-def _tfmot_pqat(model: keras.Model, pruning_rate: float,
-                images: tf.Tensor) -> keras.Model:
-  """tfmot's prune-preserving QAT model of a model pruned to `pruning_rate`.
-
-  The documented flow without the finetuning in between: prune_low_magnitude,
-  one training call (computes the masks and zeroes the pruned weights),
-  strip_pruning, quantize_annotate_model, quantize_apply with
-  Default8BitPrunePreserveQuantizeScheme (8-bit per-channel weights keeping
-  the zeros, 8-bit activations).
-  """
-  pruned = _tfmot_pruned(model, pruning_rate)
-  pruned(images[:1], training=True)
-  stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-  annotated = tfmot.quantization.keras.quantize_annotate_model(stripped)
-  scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
-  return tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
-
-
-def _zero_fraction(model: keras.Model) -> float:
-  """Fraction of exact zeros over the model's conv/dense kernels."""
-  zeros = total = 0
-  for weight in model.weights:
-    if re.search(r"(depthwise_)?kernel:0$", weight.name):
-      value = weight.numpy()
-      zeros += int(np.sum(value == 0))
-      total += value.size
-  return zeros / max(total, 1)
-
-
-def make_train_step(model: keras.Model, optimizer,
-                    jit_compile: bool) -> Callable:
-  """(images, labels) -> loss: one SGD step of `model` as a tf.function."""
-  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-  @tf.function(jit_compile=jit_compile)
-  def train_step(images, labels):
-    with tf.GradientTape() as tape:
-      loss = loss_fn(labels, model(images, training=True))
-    variables = model.trainable_variables
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-    return loss
-
-  return train_step
-
-
-def make_opq_ops_step(plan, jit_compile: bool, seed: int = 0) -> Callable:
+def make_opq_ops_step(qmodel: keras.Model, jit_compile: bool,
+                      seed: int = 0) -> Callable:
   """() -> compressed kernels and their gradients, OPQ's per-step extra work.
 
-  For every planned kernel w (its shape, step, threshold): w_hat =
-  mask * q(w) forward and mask * upstream backward (the straight-through
-  estimator), with OPQWeightQuantizer itself, on random Laplace-like values.
-  Both are returned so that XLA cannot drop either.
+  For every compressed kernel of `qmodel` (its values, mask, step and bits):
+  w_hat = mask * q(w) forward and mask * upstream backward (the
+  straight-through estimator), with OPQWeightQuantizer itself, on copies of
+  the kernels and a random upstream gradient. Both are returned so that XLA
+  cannot drop either.
   """
   rng = np.random.default_rng(seed)
   kernels, quantizer_vars, upstreams, quantizers = [], [], [], []
-  for entry in plan.layers:
-    value = rng.laplace(scale=entry.laplace_scale, size=entry.shape)
-    kernel = tf.Variable(value.astype(np.float32))
-    kernels.append(kernel)
+  for entry in wrapping.compressed_kernels(qmodel):
+    kernels.append(tf.Variable(entry.kernel))
     quantizer_vars.append({
-        "mask": tf.Variable(np.abs(value) >= entry.threshold, dtype=tf.float32,
-                            trainable=False),
-        "step": tf.Variable(np.float32(entry.step), trainable=False),
+        "mask": tf.Variable(entry.mask, dtype=tf.float32, trainable=False),
+        "step": tf.Variable(entry.step, trainable=False),
     })
-    upstreams.append(tf.Variable(rng.standard_normal(entry.shape)
+    upstreams.append(tf.Variable(rng.standard_normal(entry.kernel.shape)
                                  .astype(np.float32), trainable=False))
-    quantizers.append(OPQWeightQuantizer(entry.bits, entry.step,
-                                         entry.threshold))
+    quantizers.append(OPQWeightQuantizer(entry.bits, entry.step.ravel().tolist()
+                                         if entry.step.ndim else
+                                         float(entry.step), entry.threshold,
+                                         entry.channel_axes))
 
   @tf.function(jit_compile=jit_compile)
   def opq_ops_step():
@@ -236,47 +172,78 @@ def make_opq_ops_step(plan, jit_compile: bool, seed: int = 0) -> Callable:
   return opq_ops_step
 
 
-def _build_variants(name: str, image_size: int, images: tf.Tensor,
-                    variants: Sequence[str]) -> tuple[dict, dict, dict]:
-  """(variant -> model, variant -> error text, setup notes) for one model."""
-  architecture, pruning_rate, bits = ARCHITECTURES[name]
+def _build_variants(config: ml_collections.ConfigDict, image_size: int,
+                    images: tf.Tensor, variants: Sequence[str],
+                    strategy: tf.distribute.Strategy
+                    ) -> tuple[dict, dict, dict]:
+  """(variant -> model, variant -> error text, setup notes) for one config.
+
+  Every model is built under `strategy.scope()`, as the trainer builds it.
+  """
   keras.utils.set_random_seed(0)
-  base = architecture(weights=None, input_shape=(image_size, image_size, 3),
-                      classes=1000, classifier_activation=None)
+  with strategy.scope():
+    base = models.build(config.model, config.num_classes, image_size)
+
+  def opq():
+    plan = allocation.allocate(
+        base, config.pruning_rate, config.bits, method=config.method,
+        objective=config.objective, step_granularity=config.step_granularity,
+        step_stats=config.step_stats)
+    return wrapping.apply(base, plan,
+                          quantize_activations=config.quantize_activations)
+
   builders = {
-      "fp32": lambda: _fresh_copy(base),
-      "opq": lambda: opq_apply(_fresh_copy(base), pruning_rate=pruning_rate,
-                               bits=bits),
-      "tfmot_prune": lambda: _tfmot_pruned(base, pruning_rate),
-      "tfmot_pqat": lambda: _tfmot_pqat(base, pruning_rate, images),
+      "fp32": lambda: tfmot_baselines.copy_model(base),
+      "opq": opq,
+      "tfmot_prune": lambda: tfmot_baselines.pruned_for_timing(
+          base, config.pruning_rate),
+      "tfmot_pqat": lambda: tfmot_baselines.pqat_for_timing(
+          base, config.pruning_rate, images),
   }
-  models, errors, notes = {}, {}, {}
+  built, errors, notes = {}, {}, {}
   needed = set(variants) | ({"opq"} if "opq_ops" in variants else set())
   for variant, builder in builders.items():
     if variant not in needed:
       continue
     start = time.perf_counter()
     try:
-      models[variant] = builder()
+      with strategy.scope():
+        built[variant] = builder()
     except Exception as error:  # pylint: disable=broad-except
-      logging.exception("Building %s/%s failed", name, variant)
+      logging.exception("Building %s/%s failed", config.model, variant)
       errors[variant] = _error_text(error)
       continue
-    logging.info("Built %s/%s in %.1f s", name, variant,
+    logging.info("Built %s/%s in %.1f s", config.model, variant,
                  time.perf_counter() - start)
-  notes["weights"] = base.count_params()
-  if "opq" in models:
-    notes["plan"] = models["opq"].opq_plan
-  if "tfmot_pqat" in models:
-    notes["pqat_zeros"] = _zero_fraction(models["tfmot_pqat"])
-  return models, errors, notes
+  notes["parameters"] = base.count_params()
+  if "opq" in built:
+    plan = built["opq"].opq_plan
+    notes["plan"] = {"kernels": len(plan.kernels),
+                     "weights": plan.total_weights,
+                     "realised_pruning_rate": plan.realised_pruning_rate,
+                     "weight_bits_ratio": plan.weight_bits_ratio}
+  if "tfmot_pqat" in built:
+    notes["pqat_zeros"] = _zero_fraction(built["tfmot_pqat"])
+  return built, errors, notes
+
+
+def _zero_fraction(model: keras.Model) -> float:
+  """Fraction of exact zeros over the model's conv/dense kernels."""
+  zeros = total = 0
+  for weight in model.weights:
+    if re.search(r"(depthwise_|pointwise_)?kernel:0$", weight.name):
+      value = weight.numpy()
+      zeros += int(np.sum(value == 0))
+      total += value.size
+  return zeros / max(total, 1)
 
 
 def time_model(name: str, batch_size: int, image_size: int, steps: int,
                warmup: int, jit_settings: Sequence[bool],
-               variants: Sequence[str] = VARIANTS
+               variants: Sequence[str] = VARIANTS,
+               strategy: Optional[tf.distribute.Strategy] = None
                ) -> tuple[list[Timing], dict]:
-  """Times every variant of one model, round-robin; returns (timings, notes).
+  """Times every variant of configs/<name>.py's model, round-robin.
 
   Each step function is called once (trace/compile: `first_call_s`), then
   `warmup - 1 + steps` rounds call every working function once in a rotated
@@ -284,13 +251,27 @@ def time_model(name: str, batch_size: int, image_size: int, steps: int,
   process's CPU time over all threads (`cpu_ms`, far less sensitive to other
   jobs on the machine). A function that raises gets the error text and is
   dropped from later rounds.
+
+  Returns:
+    (timings, notes): notes hold the config's p, B, the model's parameter
+    count and the OPQ plan's totals.
   """
-  images = tf.random.stateless_normal((batch_size, image_size, image_size, 3),
-                                      seed=(1, 2))
-  labels = tf.random.stateless_uniform((batch_size,), seed=(3, 4), minval=0,
-                                       maxval=1000, dtype=tf.int32)
+  strategy = strategy or distribute.make_strategy("mirrored")
+  config = load_config(name)
+  image_size = image_size or config.image_size
+  images = tf.random.stateless_uniform(
+      (batch_size, image_size, image_size, 3), seed=(1, 2), maxval=255.0)
+  labels = tf.random.stateless_uniform(
+      (batch_size,), seed=(3, 4), minval=0, maxval=config.num_classes,
+      dtype=tf.int32)
+  batches = strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors((images, labels)).repeat())
   variants = [v for v in VARIANTS if v in variants or v == "fp32"]
-  models, errors, notes = _build_variants(name, image_size, images, variants)
+  built, errors, notes = _build_variants(config, image_size, images, variants,
+                                         strategy)
+  notes.update(model=config.model, pruning_rate=config.pruning_rate,
+               bits=config.bits, weight_decay=config.weight_decay,
+               image_size=image_size)
   functions, timings, optimizers = {}, [], {}
   for jit_compile in jit_settings:
     for variant in variants:
@@ -302,16 +283,23 @@ def time_model(name: str, batch_size: int, image_size: int, steps: int,
         continue
       try:
         if variant == "opq_ops":
-          function = make_opq_ops_step(notes["plan"], jit_compile)
+          function = make_opq_ops_step(built["opq"], jit_compile)
           functions[timing] = lambda f=function: f()
         else:
-          model = models[variant]
+          model = built[variant]
           if variant not in optimizers:
-            optimizers[variant] = keras.optimizers.SGD(
-                _LEARNING_RATE, momentum=0.9, jit_compile=False)
-            optimizers[variant].build(model.trainable_variables)
-          function = make_train_step(model, optimizers[variant], jit_compile)
-          functions[timing] = lambda f=function: f(images, labels).numpy()
+            with strategy.scope():
+              optimizers[variant] = keras.optimizers.SGD(
+                  config.learning_rate, momentum=config.momentum,
+                  jit_compile=False)
+              optimizers[variant].build(model.trainable_variables)
+          function = training.make_train_step(
+              model, optimizers[variant], strategy,
+              global_batch_size=batch_size,
+              weight_decay=float(config.weight_decay), jit_compile=jit_compile)
+          iterator = iter(batches)
+          functions[timing] = (
+              lambda f=function, i=iterator: f(i).numpy())
       except Exception as error:  # pylint: disable=broad-except
         timing.error = _error_text(error)
 
@@ -372,66 +360,63 @@ def _format_ratio(ratio: Optional[float]) -> str:
 
 
 def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
-                     load: tuple, architectures: Optional[dict] = None) -> str:
-  """The results file: machine, date, command, tables and the analysis.
+                     load: tuple) -> str:
+  """The results file: machine, date, command and tables (no analysis).
 
   Args:
-    timings: from `time_model`, all models.
-    notes: model name -> setup notes of `time_model`.
-    settings: date, command, batch_size, image_size, steps, warmup.
+    timings: from `time_model`, all configs.
+    notes: config name -> setup notes of `time_model`.
+    settings: date, command, batch_size, image_size, steps, warmup, strategy,
+      replicas.
     load: 1-minute load average at the start and the end of the run.
-    architectures: name -> (builder, pruning rate, bits); default ARCHITECTURES.
   """
-  architectures = architectures or ARCHITECTURES
   lines = [
       "# Train-step time: FP32 vs OPQ vs tfmot",
       "",
-      "Written by `benchmarks/step_time.py`; rerun it to refresh this file.",
+      "Written by `benchmarks/step_time.py`; analysis in "
+      "[benchmarks.md](benchmarks.md).",
       "",
       f"- Date: {settings['date']}",
       f"- Machine: {platform.platform()}, {platform.machine()}, "
       f"{os.cpu_count()} CPU cores (`os.cpu_count()`), no GPU used; "
       f"TensorFlow {tf.__version__}, tfmot {tfmot.__version__}, "
       f"Python {platform.python_version()}",
-      f"- Load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}. "
-      "The machine was shared with other jobs: absolute times are noisy; the "
-      "ratios, taken round-robin within one run, are the figures to read.",
+      f"- Load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}.",
       f"- Command: `{settings['command']}`",
-      f"- Batch {settings['batch_size']}, {settings['image_size']}x"
-      f"{settings['image_size']} inputs, {settings['warmup']} untimed + "
+      f"- Step: `training.make_train_step` under {settings['strategy']} "
+      f"({settings['replicas']} replica(s)), global batch "
+      f"{settings['batch_size']}, {settings['warmup']} untimed + "
       f"{settings['steps']} timed steps per variant (the first untimed one "
-      "traces and compiles). A train step: `model(x, training=True)`, "
-      "sparse cross-entropy, GradientTape, SGD momentum 0.9, in a "
-      "`tf.function(jit_compile=...)`. On a GPU one would time batch 64 or "
-      "more; see the analysis for why batch size moves the OPQ ratio.",
+      "traces and compiles); jit_compile = XLA for the forward/backward pass.",
       "",
-      "## Setup",
+      "## Setup (from the configs)",
       "",
+      "| config | model | image size | parameters | p | B | weight decay | "
+      "OPQ kernels (weights) | OPQ realised p | OPQ weight-bits ratio | "
+      "tfmot PQAT kernel zeros |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, note in notes.items():
-    _, pruning_rate, bits = architectures[name]
-    text = f"- {name}: {note['weights'] / 1e6:.1f}M parameters; OPQ p = " \
-           f"{pruning_rate}, B = {bits}"
-    if "plan" in note:
-      plan = note["plan"]
-      text += (f", {len(plan.layers)} kernels ({plan.total_weights / 1e6:.1f}M "
-               f"weights) compressed, realised pruning rate "
-               f"{plan.realised_pruning_rate:.3f}")
-    if "pqat_zeros" in note:
-      text += (f"; tfmot PQAT kernels {note['pqat_zeros']:.3f} zeros "
-               f"(ConstantSparsity {pruning_rate} per layer; tfmot does not "
-               "prune DepthwiseConv2D kernels)")
-    lines.append(text + ".")
+    plan = note.get("plan")
+    plan_cells = (f"{plan['kernels']} ({plan['weights'] / 1e6:.2f}M) | "
+                  f"{plan['realised_pruning_rate']:.3f} | "
+                  f"{plan['weight_bits_ratio']:.2f}x" if plan
+                  else "n/a | n/a | n/a")
+    zeros = note.get("pqat_zeros")
+    lines.append(
+        f"| {name} | {note['model']} | {note['image_size']} | "
+        f"{note['parameters'] / 1e6:.2f}M | {note['pruning_rate']} | "
+        f"{note['bits']} | {note['weight_decay']} | {plan_cells} | "
+        f"{'n/a' if zeros is None else f'{zeros:.3f}'} |")
   lines += [
       "",
       "## Step times",
       "",
       "Wall: elapsed time of a step. CPU: this process's CPU time over all its "
-      "threads during the step, which other jobs on the machine disturb far "
-      "less than the wall time. `x FP32` is the median over rounds of "
+      "threads during the step. `x FP32` is the median over rounds of "
       "(variant step / FP32 step of the same round and jit setting).",
       "",
-      "| model | jit_compile | variant | first call (s) | wall ms/step "
+      "| config | jit_compile | variant | first call (s) | wall ms/step "
       "(median) | wall ms/step (min) | CPU ms/step (median) | x FP32 wall | "
       "x FP32 CPU |",
       "|---|---|---|---|---|---|---|---|---|",
@@ -453,114 +438,54 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
         f"{_format_ratio(paired_ratio(timing, baseline, 'cpu_ms'))} |")
   lines += [
       "",
-      "## Ratios against the issue's target (OPQ <= 1.15x FP32)",
+      "## Ratios to FP32 (wall / CPU)",
       "",
-      "Each cell: wall ratio / CPU-time ratio. The target is judged on the "
-      "CPU-time ratio, the one a shared machine disturbs least.",
-      "",
-      "| model | jit_compile | OPQ / FP32 | tfmot prune / FP32 | "
-      "tfmot PQAT / FP32 | OPQ ops alone / FP32 | OPQ target met |",
-      "|---|---|---|---|---|---|---|",
+      "| config | jit_compile | OPQ / FP32 | tfmot prune / FP32 | "
+      "tfmot PQAT / FP32 | OPQ ops alone / FP32 | OPQ - FP32 (CPU ms) | "
+      "OPQ ops alone (CPU ms) |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   by_key = {(t.model, t.jit_compile, t.variant): t for t in timings}
   for (model, jit_compile), baseline in baselines.items():
-    cells, opq_cpu = [], None
+    cells = []
     for variant in VARIANTS[1:]:
       timing = by_key.get((model, jit_compile, variant))
       wall = timing and paired_ratio(timing, baseline)
       cpu = timing and paired_ratio(timing, baseline, "cpu_ms")
       cells.append(f"{_format_ratio(wall)} / {_format_ratio(cpu)}")
+    extra = []
+    for variant in ("opq", "opq_ops"):
+      timing = by_key.get((model, jit_compile, variant))
+      if (timing is None or timing.error or not timing.cpu_ms
+          or baseline.error or not baseline.cpu_ms):
+        extra.append("n/a")
+        continue
+      value = statistics.median(timing.cpu_ms)
       if variant == "opq":
-        opq_cpu = cpu
-    met = "n/a" if opq_cpu is None else "yes" if opq_cpu <= 1.15 else "no"
-    lines.append(f"| {model} | {jit_compile} | {' | '.join(cells)} | {met} |")
-  lines += ["", "Where the time goes (medians of CPU ms/step):", ""]
-  for (model, jit_compile), baseline in baselines.items():
-    if baseline.error:
-      continue
-    fp32 = statistics.median(baseline.cpu_ms)
-    text = f"- {model}, jit_compile={jit_compile}: FP32 {fp32:.1f} ms"
-    opq, ops = (by_key.get((model, jit_compile, v)) for v in ("opq", "opq_ops"))
-    if opq and not opq.error:
-      text += f"; OPQ - FP32 = {statistics.median(opq.cpu_ms) - fp32:.1f} ms"
-    if ops and not ops.error:
-      text += (f"; OPQ's quantizer ops alone "
-               f"{statistics.median(ops.cpu_ms):.1f} ms")
-    eager = baselines.get((model, False))
-    if jit_compile and eager and not eager.error:
-      text += (f"; XLA FP32 step / default FP32 step = "
-               f"{fp32 / statistics.median(eager.cpu_ms):.2f}x")
-    lines.append(text + ".")
-  lines += ["", _ANALYSIS]
+        value -= statistics.median(baseline.cpu_ms)
+      extra.append(f"{value:.1f}")
+    lines.append(f"| {model} | {jit_compile} | {' | '.join(cells)} | "
+                 f"{' | '.join(extra)} |")
   return "\n".join(lines) + "\n"
 
 
-_ANALYSIS = """\
-## Why OPQ costs what it costs
-
-Per step and per compressed kernel w (n weights), the OPQ wrapper computes
-
-    w_hat = mask * (stop_gradient(step * clip(round(w / step), -K, K))
-                    + (w - stop_gradient(w)))
-
-forward (about eight elementwise ops: divide, round, two clips, multiply,
-subtract, add, mask multiply) and `mask * upstream` backward (the
-straight-through estimator). That is O(n) work per step, independent of the
-batch, on top of the convolutions' O(batch x FLOPs): for ResNet-50, 25.5M
-kernel weights against about 4.1 GFLOPs per image forward. The arithmetic is
-negligible, but without fusion each op streams whole kernels through memory
-(about 8 ops x 3 tensors x 4 bytes x 25.5M = 2.4 GB per forward on
-ResNet-50), which on a 2-core CPU at batch 8 is a visible fraction of a step.
-The `opq_ops` row times exactly this work, outside any model; the OPQ step's
-extra time over FP32 ("OPQ - FP32" above) should be close to it, within the
-run's noise. A variant that does strictly more work than FP32 (tfmot prune)
-reading below 1.00x shows how large that noise is: under load, read ratios
-within about 0.1 of 1 as "no measurable difference".
-
-Consequences and what could be cheaper:
-
-- The relative cost falls with the batch: the kernel ops are paid once per
-  step, the convolutions per image. At batch 64+ on a GPU the ratio is far
-  closer to 1 than at batch 8 on this CPU.
-- The compressed kernel is already computed once per step per kernel (the
-  minimum for fake quantization: the weights change every step, so w_hat
-  cannot be cached). With `jit_compile=True` XLA fuses the whole quantizer
-  into one pass (read w and mask, write w_hat) and the backward into one
-  multiply, which removes most of the memory traffic.
-- Smaller gains left: pruned latent weights could be zeroed once by `apply`
-  (their gradient is masked, so they stay zero under SGD, momentum and weight
-  decay) so the forward mask multiply could go, leaving the mask only in the
-  backward; `w * (1 / step)` instead of `w / step`; a bool or int8 mask
-  instead of float32 would quarter the mask's memory traffic (the float mask
-  also doubles the kernel memory of the wrapped model).
-- tfmot's prune_low_magnitude also multiplies every kernel by its mask each
-  step (plus a top-k mask update every 100 steps, not in the timed steps);
-  its PQAT additionally fake-quantizes activations (8-bit, moving-average
-  ranges) and keeps per-channel min/max, so it does strictly more work per
-  step than OPQ with FP32 activations.
-- On a CPU, `jit_compile=True` can make whole steps several times slower
-  (the "XLA FP32 step / default FP32 step" figures above): XLA:CPU runs
-  convolutions through its own (Eigen-based) runtime rather than the oneDNN
-  kernels of TensorFlow's default CPU path, and depthwise convolutions
-  (MobileNet) suffer most. The jit ratios are then ratios of slow steps and sit closer
-  to 1; on a GPU, XLA is usually the faster setting and the fused quantizer
-  the cheap one.
-- None of the variants gets faster convolutions from the sparsity or the
-  low bit-width while training: the kernels stay dense FP32 tensors.
-"""
-
-
-def _write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  try:
-    with os.fdopen(handle, "w") as stream:
-      stream.write(text)
-    os.replace(temp_path, path)
-  except BaseException:
-    os.unlink(temp_path)
-    raise
+def results_json(timings: Sequence[Timing], notes: dict, settings: dict,
+                 load: tuple) -> dict:
+  """Every measured time, the setup notes and the ratios, for results JSON."""
+  baselines = {(t.model, t.jit_compile): t for t in timings
+               if t.variant == "fp32"}
+  rows = []
+  for timing in timings:
+    row = dataclasses.asdict(timing)
+    baseline = baselines.get((timing.model, timing.jit_compile))
+    if baseline is not None:
+      row["ratio_wall"] = paired_ratio(timing, baseline)
+      row["ratio_cpu"] = paired_ratio(timing, baseline, "cpu_ms")
+    rows.append(row)
+  return {"settings": {k: v for k, v in settings.items() if k != "output"},
+          "load_average": list(load), "notes": notes, "timings": rows,
+          "machine": platform.platform(), "cpu_count": os.cpu_count(),
+          "tensorflow": tf.__version__, "tfmot": tfmot.__version__}
 
 
 def _settings() -> dict:
@@ -570,9 +495,9 @@ def _settings() -> dict:
     return quick_value if quick and not flags.FLAGS[flag.name].present \
         else flag.value
   settings = {
-      "models": pick(_MODELS, ["tiny_cnn"]),
+      "configs": pick(_CONFIGS, ["default"]),
       "batch_size": pick(_BATCH_SIZE, 2),
-      "image_size": pick(_IMAGE_SIZE, 32),
+      "image_size": pick(_IMAGE_SIZE, 0),
       "steps": pick(_STEPS, 2),
       "warmup": pick(_WARMUP, 1),
       "output": (_OUTPUT.value if not quick or flags.FLAGS["output"].present
@@ -580,10 +505,10 @@ def _settings() -> dict:
   }
   jit = [value.strip().lower() for value in _JIT.value]
   problems = []
-  unknown = [m for m in settings["models"] if m not in ARCHITECTURES]
+  unknown = [c for c in settings["configs"] if c not in CONFIGS]
   if unknown:
-    problems.append(f"Unknown --models {unknown}; use some of "
-                    f"{sorted(ARCHITECTURES)}.")
+    problems.append(f"Unknown --configs {unknown}; use some of "
+                    f"{list(CONFIGS)}.")
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     problems.append(f"Unknown --variants {unknown}; use some of "
@@ -591,9 +516,9 @@ def _settings() -> dict:
   for name in ("batch_size", "steps", "warmup"):
     if settings[name] < 1:
       problems.append(f"--{name}={settings[name]} must be >= 1.")
-  if settings["image_size"] < 32:
-    problems.append(f"--image_size={settings['image_size']} is too small: "
-                    "ResNet50 and MobileNet need at least 32.")
+  if settings["image_size"] < 0:
+    problems.append(f"--image_size={settings['image_size']} must be >= 0 "
+                    "(0: the config's).")
   if not jit or set(jit) - {"true", "false"}:
     problems.append(f"--jit_compile={_JIT.value}: give a list of true and/or "
                     "false, e.g. --jit_compile=false,true.")
@@ -612,19 +537,29 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   settings = _settings()
+  strategy = distribute.make_strategy(_STRATEGY.value, _CPU_DEVICES.value)
+  settings.update(strategy=_STRATEGY.value,
+                  replicas=strategy.num_replicas_in_sync)
+  if settings["batch_size"] % strategy.num_replicas_in_sync:
+    raise app.UsageError(
+        f"--batch_size={settings['batch_size']} is not divisible by the "
+        f"{strategy.num_replicas_in_sync} replicas.")
   load_start = os.getloadavg()[0]
   timings, notes = [], {}
-  for name in settings["models"]:
-    model_timings, notes[name] = time_model(
+  for name in settings["configs"]:
+    config_timings, notes[name] = time_model(
         name, settings["batch_size"], settings["image_size"], settings["steps"],
-        settings["warmup"], settings["jit_settings"], settings["variants"])
-    timings += model_timings
+        settings["warmup"], settings["jit_settings"], settings["variants"],
+        strategy)
+    timings += config_timings
     keras.backend.clear_session()
-  text = results_markdown(timings, notes, settings,
-                          (load_start, os.getloadavg()[0]))
+  load = (load_start, os.getloadavg()[0])
+  text = results_markdown(timings, notes, settings, load)
   print(text)
   if settings["output"]:
-    _write_atomic(settings["output"], text)
+    files.atomic_write(settings["output"], text)
+    files.write_json(os.path.splitext(settings["output"])[0] + ".json",
+                     results_json(timings, notes, settings, load))
     logging.info("Wrote %s", settings["output"])
 
 

@@ -44,8 +44,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from opq_tf import imagenet_files
-from opq_tf.imagenet_files import TRAIN_TAR, VAL_TAR
+from opq_tf import imagenet_manual
+from opq_tf.imagenet_manual import TRAIN_TAR, VAL_TAR
 
 NUM_CLASSES = 10
 MAX_VAL_PER_CLASS = 50  # validation_labels.txt holds 50 images per synset.
@@ -55,7 +55,7 @@ _MTIME = 1325376000  # 2012-01-01, fixed so that the tars are byte-reproducible.
 
 def digit_synsets() -> list[str]:
   """The synsets digits 0..9 are filed under: the first ten in label order."""
-  return imagenet_files.synsets()[:NUM_CLASSES]
+  return imagenet_manual.synsets()[:NUM_CLASSES]
 
 
 def render_digit(digit_image: np.ndarray, image_size: int) -> np.ndarray:
@@ -97,7 +97,7 @@ def digit_assignment(
     )
   targets = load_digits().target
   synsets = digit_synsets()
-  val_synsets = imagenet_files.validation_synsets()
+  val_synsets = imagenet_manual.validation_synsets()
   train: dict[str, dict[str, int]] = {}
   val: dict[str, int] = {}
   for digit, synset in enumerate(synsets):
@@ -209,8 +209,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-  # Defined only when run as a program: opq_tf's trainers import this module
-  # and define their own --manual_dir.
+  # Defined only when run as a program: the trainers import this module, and
+  # their manual_dir is a config field (--config.manual_dir), not a flag.
   flags.DEFINE_string(
       "manual_dir", None, "Directory to write the ILSVRC2012 tars into."
   )

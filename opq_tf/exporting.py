@@ -18,7 +18,8 @@ Size figures in report.json, all over the whole model unless stated:
 - weight_bits_ratio = 32·Σn_i / Σ_i(kept_i·B_i + 32·steps_i), over compressed
   kernels (steps_i = 1, or the output channels at "channel" granularity).
 - model_ratio = 4·(all parameters) / (bytes of model.opq on disk).
-- entropy_bound_bytes = (Σ_i n_i·H_i + 32·(FP32 rest parameters)) / 8,
+- entropy_bound_bytes = (Σ_i n_i·H_i + 32·(steps) + 32·(FP32 rest
+  parameters)) / 8: the stored steps are part of what must be written,
   H_i the empirical entropy of kernel i's symbols (0 = pruned, c + K + 1 = code c).
 - packed_over_bound = packed_bytes / entropy_bound_bytes.
 """
@@ -76,8 +77,9 @@ def _check_target(directory: str) -> None:
         f"Export target {directory!r} is a file; choose a new directory.")
   if os.path.isdir(directory) and os.listdir(directory):
     raise ValueError(
-        f"Export directory {directory!r} is not empty; choose a new directory "
-        "or remove it first (export never overwrites).")
+        f"Export directory {directory!r} is not empty (it holds "
+        f"{sorted(os.listdir(directory))[:5]}); choose a new directory or "
+        "remove it first (export never overwrites).")
 
 
 def _default_signature(model: keras.Model) -> list[tf.TensorSpec]:
@@ -180,7 +182,8 @@ def _report(model: keras.Model, kernels, packed, rest: dict,
     })
   rest_parameters = int(sum(np.size(v) for v in rest.values()))
   all_parameters = int(total_weights) + rest_parameters
-  entropy_bound_bytes = (entropy_bits + 32 * rest_parameters) / 8
+  steps = sum(r["steps"] for r in kernel_reports)
+  entropy_bound_bytes = (entropy_bits + 32 * steps + 32 * rest_parameters) / 8
   plan = getattr(model, "opq_plan", None)
   return {
       "weight_bits_ratio": grid.weight_bits_ratio(

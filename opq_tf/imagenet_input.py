@@ -1,19 +1,9 @@
 """ImageNet (TFDS `imagenet2012`) tf.data pipelines for tf.distribute.
 
-The data comes from the real TFDS builder, prepared offline from a manual_dir
-that holds the ILSVRC-2012 tars (TFDS's manual-download contract):
+The data comes from the real TFDS builder, prepared offline from the
+ILSVRC-2012 tars by `opq_tf.imagenet_manual.prepare` (which spells out the
+manual-download contract); this module only reads the prepared records:
 
-    <manual_dir>/ILSVRC2012_img_train.tar   one tar per synset inside
-                                            (n01440764.tar, ...), each holding
-                                            JPEGs such as n01440764_10026.JPEG
-    <manual_dir>/ILSVRC2012_img_val.tar     ILSVRC2012_val_00000001.JPEG ...
-                                            ILSVRC2012_val_00050000.JPEG
-    <manual_dir>/ILSVRC2012_img_test.tar    optional, unlabelled, not used here
-
-`python -m opq_tf.digits_imagenet --manual_dir=DIR` writes a small stand-in of
-that layout from scikit-learn's bundled digits (labels 0..9).
-
-    builder = prepare(data_dir, manual_dir)        # once; later calls: no-op
     dataset_fn = make_dataset_fn(split="train", data_dir=data_dir,
                                  image_size=224, global_batch_size=256,
                                  train=True)
@@ -34,20 +24,13 @@ Labels >= num_classes are an error, not filtered: iterating such a pipeline
 raises InvalidArgumentError naming num_classes.
 """
 
-import os
 import re
-import tarfile
 from typing import Callable, Optional
 
-import numpy as np
 import tensorflow_datasets as tfds
 
-from opq_tf import imagenet_files
+from opq_tf import imagenet_manual
 from opq_tf._keras import tf
-from opq_tf.imagenet_files import TRAIN_TAR, VAL_TAR
-
-DATASET_NAME = "imagenet2012"
-TEST_TAR = "ILSVRC2012_img_test.tar"
 
 # The standard ImageNet eval crop: a 224 crop of a 256 resize (crop_padding=32
 # at 224). For other sizes the padding scales with the image (32 * S / 224), so
@@ -55,173 +38,16 @@ TEST_TAR = "ILSVRC2012_img_test.tar"
 CROP_PADDING = 32
 CROP_FRACTION = 224.0 / (224.0 + CROP_PADDING)
 
-_SYNSET_TAR = re.compile(r"n\d{8}\.tar")
-_VAL_JPEG = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
 _VAL_INDEX_START = len("ILSVRC2012_val_")
 
 
-def _instructions(manual_dir: str) -> str:
-  return (
-      f"Put the ILSVRC-2012 archives (https://image-net.org/download-images) "
-      f"unchanged in {manual_dir}:\n"
-      f"  {os.path.join(manual_dir, TRAIN_TAR)}  (one tar per synset inside: "
-      "n01440764.tar, n01443537.tar, ...)\n"
-      f"  {os.path.join(manual_dir, VAL_TAR)}  (ILSVRC2012_val_00000001.JPEG "
-      "... ILSVRC2012_val_00050000.JPEG)\n"
-      f"  ({TEST_TAR} is optional and unused.)\n"
-      "Or build the small embedded stand-in from scikit-learn's digits:\n"
-      f"  python -m opq_tf.digits_imagenet --manual_dir={manual_dir}"
-  )
-
-
-def _manual_dir_error(manual_dir: str, problem: str) -> ValueError:
-  return ValueError(
-      f"ImageNet manual_dir {manual_dir!r} is not usable: {problem}.\n"
-      + _instructions(manual_dir)
-  )
-
-
-def _member_names(path: str, limit: Optional[int]) -> list[str]:
-  """Names of the first `limit` members (all if None) of an uncompressed tar."""
-  names = []
-  with tf.io.gfile.GFile(path, "rb") as f:
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-      while limit is None or len(names) < limit:
-        member = tar.next()
-        if member is None:
-          break
-        if member.isfile():
-          names.append(member.name)
-  return names
-
-
-def check_manual_dir(manual_dir: str) -> None:
-  """Raises ValueError unless `manual_dir` holds usable ILSVRC-2012 tars.
-
-  Checked before any preparation or training: the directory exists; the train
-  and val tars exist, are uncompressed tar archives and are not empty; every
-  member of the train tar is a per-synset tar of one of the 1000 synsets; the
-  first members of the val tar are ILSVRC2012_val_XXXXXXXX.JPEG files. Only
-  tar headers are read (the train tar has ~1000 members), not the images.
-  """
-  manual_dir = os.fspath(manual_dir)
-  if not tf.io.gfile.isdir(manual_dir):
-    raise _manual_dir_error(manual_dir, "the directory does not exist")
-  for name in (TRAIN_TAR, VAL_TAR):
-    path = os.path.join(manual_dir, name)
-    if not tf.io.gfile.exists(path):
-      raise _manual_dir_error(manual_dir, f"{name} is missing")
-    if tf.io.gfile.isdir(path):
-      raise _manual_dir_error(manual_dir, f"{name} is a directory, not a file")
-    try:
-      names = _member_names(path, limit=None if name == TRAIN_TAR else 100)
-    except tarfile.TarError as e:
-      raise _manual_dir_error(
-          manual_dir, f"{name} is not an uncompressed tar archive ({e})"
-      ) from e
-    if not names:
-      raise _manual_dir_error(manual_dir, f"{name} is an empty tar archive")
-    pattern, expected = (
-        (_SYNSET_TAR, "one tar per synset (n01440764.tar, ...)")
-        if name == TRAIN_TAR
-        else (_VAL_JPEG, "ILSVRC2012_val_XXXXXXXX.JPEG images")
-    )
-    wrong = [n for n in names if not pattern.fullmatch(n)]
-    if wrong:
-      raise _manual_dir_error(
-          manual_dir,
-          f"{name} holds {wrong[0]!r} ({len(wrong)} such members) where "
-          f"{expected} are expected",
-      )
-    if name == TRAIN_TAR:
-      synsets = set(imagenet_files.synsets())
-      unknown = sorted(n[:-4] for n in names if n[:-4] not in synsets)
-      if unknown:
-        raise _manual_dir_error(
-            manual_dir,
-            f"{name} holds {unknown[0]}.tar, which is not one of the 1000 "
-            "ILSVRC-2012 synsets of TFDS's labels.txt",
-        )
-
-
-def validation_label_table() -> np.ndarray:
-  """int32 [50000]: label of ILSVRC2012_val_{k:08d}.JPEG at position k - 1."""
-  index = {synset: i for i, synset in enumerate(imagenet_files.synsets())}
-  return np.array([index[s] for s in imagenet_files.validation_synsets()],
-                  np.int32)
-
-
-def _builder(data_dir: str) -> tfds.core.DatasetBuilder:
-  return tfds.builder(DATASET_NAME, data_dir=os.fspath(data_dir))
-
-
-def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
-  # Checking existence first avoids TFDS's warning about a missing variant dir.
-  return builder.data_path.exists() and builder.is_prepared()
-
-
 def _prepared_builder(data_dir: str) -> tfds.core.DatasetBuilder:
-  builder = _builder(data_dir)
-  if not _is_prepared(builder):
+  if not imagenet_manual.is_prepared(data_dir):
     raise ValueError(
-        f"TFDS {DATASET_NAME} is not prepared under data_dir {data_dir!r}. "
-        "Run opq_tf.imagenet_input.prepare(data_dir, manual_dir) first."
+        f"TFDS {imagenet_manual.DATASET_NAME} is not prepared under data_dir {data_dir!r}. "
+        "Run opq_tf.imagenet_manual.prepare(data_dir, manual_dir) first."
     )
-  return builder
-
-
-def prepare(
-    data_dir: str,
-    manual_dir: Optional[str] = None,
-    *,
-    num_shards: Optional[int] = None,
-) -> tfds.core.DatasetBuilder:
-  """Prepares TFDS imagenet2012 under `data_dir` from `manual_dir`, offline.
-
-  Runs the real builder's download_and_prepare with the manual_dir; nothing is
-  downloaded (GCS is not tried). If the dataset is already prepared under
-  `data_dir` this is a no-op (manual_dir is then not read, and not needed),
-  so a changed manual_dir needs a fresh data_dir.
-
-  Args:
-    data_dir: TFDS data_dir; the records go to data_dir/imagenet2012/5.1.0 and
-      TFDS's scratch directory to data_dir/downloads.
-    manual_dir: directory with the ILSVRC-2012 tars (see `check_manual_dir`).
-    num_shards: record files per split; None lets TFDS choose (1 for a small
-      dataset). File-level sharding needs at least one file per input pipeline
-      (worker), so multi-worker runs on a small dataset need num_shards >=
-      the number of workers.
-
-  Returns:
-    The prepared builder.
-  """
-  builder = _builder(data_dir)
-  if _is_prepared(builder):
-    return builder
-  if manual_dir is None:
-    raise ValueError(
-        f"TFDS {DATASET_NAME} is not prepared under {data_dir!r} and no "
-        "manual_dir was given. " + _instructions("<manual_dir>")
-    )
-  check_manual_dir(manual_dir)
-  try:
-    # pylint: disable-next=g-import-not-at-top,unused-import
-    import importlib_resources  # noqa: F401
-  except ImportError as e:
-    raise ImportError(
-        "tensorflow-datasets 4.9.x needs the `importlib_resources` package in "
-        "download_and_prepare even on Python >= 3.9; install it (it is in "
-        "requirements.txt): pip install importlib_resources"
-    ) from e
-  builder.download_and_prepare(
-      download_dir=os.path.join(os.fspath(data_dir), "downloads"),
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=os.fspath(manual_dir),
-          try_download_gcs=False,
-          num_shards=num_shards,
-      ),
-  )
-  return builder
+  return imagenet_manual.builder(data_dir)
 
 
 def num_examples(data_dir: str, split: str) -> int:
@@ -325,7 +151,7 @@ def _labelled(
   """int32 label: the validation index lookup for val files, else TFDS's."""
   file_name = example["file_name"]
   label = tf.cond(
-      tf.strings.regex_full_match(file_name, _VAL_JPEG.pattern),
+      tf.strings.regex_full_match(file_name, imagenet_manual.VAL_JPEG_PATTERN),
       lambda: tf.gather(
           val_labels,
           tf.strings.to_number(
@@ -385,7 +211,7 @@ def _examples(
       decoders={"image": tfds.decode.SkipDecoding()},
       read_config=read_config,
   )
-  val_labels = tf.constant(validation_label_table())
+  val_labels = tf.constant(imagenet_manual.validation_label_table())
   return dataset.map(
       lambda example: {
           "image": example["image"],

@@ -1,9 +1,11 @@
 """Runs `benchmarks/accuracy.py --quick` end to end so the benchmark cannot rot.
 
-The quick run trains the FP32 digits model for a few epochs, compresses it
-with opq / uniform / global_magnitude (opq_tf) and tfmot at (0.5, 8) and
-(0.9, 4), finetunes each for 2 epochs and writes the markdown, the plot and
-results.json. About 1.5 min on an idle 2-core machine.
+The quick run prepares the digits stand-in, trains configs/default.py's FP32
+model for a few epochs with training.train_fp32, compresses it with opq,
+opq_total, uniform and global_magnitude (opq_tf, BatchNorm calibrated) and
+the tfmot baseline at (0.5, 8) and (0.9, 4), finetunes each for 2 epochs with
+training.make_train_step and writes the tables, the plot and results.json.
+About 3 min on an idle 2-core machine.
 """
 
 import json
@@ -18,7 +20,7 @@ from absl.testing import absltest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_REPO, "benchmarks", "accuracy.py")
-_METHODS = ("opq", "uniform", "global_magnitude", "tfmot")
+_METHODS = ("opq", "opq_total", "uniform", "global_magnitude", "tfmot")
 _QUICK_SETTINGS = [[0.5, 8], [0.9, 4]]
 
 
@@ -43,7 +45,7 @@ class AccuracyBenchmarkTest(absltest.TestCase):
     self.check_plot_and_markdown()
     self.check_table_has_one_row_per_method_and_setting()
     self.check_accuracies_and_sizes_are_sane()
-    self.check_target_is_checked_per_setting()
+    self.check_no_verdicts_in_the_tables()
 
   def check_plot_and_markdown(self):
     with open(os.path.join(self.output_dir, "accuracy.png"), "rb") as f:
@@ -54,29 +56,37 @@ class AccuracyBenchmarkTest(absltest.TestCase):
     self.assertIn("os.cpu_count()=", self.markdown)
 
   def check_table_has_one_row_per_method_and_setting(self):
-    rows = re.findall(r"^\| (0\.\d+) \| (\d) \| (\w+) \| ([\d.]+) \| ([\d.]+) ±",
-                      self.markdown, flags=re.MULTILINE)
-    found = sorted((float(p), int(b), method) for p, b, method, _, _ in rows)
+    rows = re.findall(
+        r"^\| (0\.\d+) \| (\d) \| (\w+) \| ([\d.]+) \| ([\d.]+|n/a) \| "
+        r"([\d.]+) ±", self.markdown, flags=re.MULTILINE)
+    found = sorted((float(p), int(b), method) for p, b, method, *_ in rows)
     expected = sorted((p, b, m) for p, b in _QUICK_SETTINGS for m in _METHODS)
     self.assertEqual(found, expected)
-    for *_, zero_shot, accuracy in rows:
-      self.assertBetween(float(zero_shot), 0.0, 100.0)
+    for _, _, method, compressed, calibrated, accuracy in rows:
+      self.assertBetween(float(compressed), 0.0, 100.0)
       self.assertBetween(float(accuracy), 0.0, 100.0)
+      if method == "tfmot":
+        self.assertEqual(calibrated, "n/a")
+      else:
+        self.assertBetween(float(calibrated), 0.0, 100.0)
 
   def check_accuracies_and_sizes_are_sane(self):
     context = self.results["context"]
     self.assertEqual(context["settings"], _QUICK_SETTINGS)
-    self.assertGreater(context["fp32_accuracy"], 0.8)
+    self.assertGreater(context["fp32_accuracy"], 0.7)
+    self.assertEqual(context["model"], "small_resnet")
     self.assertLen(self.results["results"], len(_QUICK_SETTINGS) * len(_METHODS))
     for result in self.results["results"]:
       name = f"{result['method']} p={result['pruning_rate']} B={result['bits']}"
       self.assertBetween(result["zero_shot"], 0.0, 1.0, msg=name)
+      if result["method"] != "tfmot":
+        self.assertBetween(result["calibrated"], 0.0, 1.0, msg=name)
       for seed in result["seeds"]:
         self.assertLen(seed["accuracies"], context["epochs"], msg=name)
         for accuracy in seed["accuracies"]:
           self.assertBetween(accuracy, 0.0, 1.0, msg=name)
-      # Finetuning from the FP32 weights beats chance by far at 8x-80x.
-      self.assertGreater(result["accuracy_mean"], 0.5, msg=name)
+      # Finetuning from the FP32 weights beats chance (10%) at 8x-80x.
+      self.assertGreater(result["accuracy_mean"], 0.2, msg=name)
       self.assertGreater(result["model_ratio"], 1.0, msg=name)
       bound = 32.0 / ((1.0 - result["pruning_rate"]) * result["bits"])
       self.assertBetween(result["weight_bits_ratio"], 1.0, bound * 1.05,
@@ -92,16 +102,10 @@ class AccuracyBenchmarkTest(absltest.TestCase):
     self.assertGreaterEqual(tfmot_8bit["sparsity"],
                             tfmot_8bit["pruning_rate"] - 0.002)
 
-  def check_target_is_checked_per_setting(self):
-    checks = self.results["checks"]
-    self.assertEqual([[c["pruning_rate"], c["bits"]] for c in checks],
-                     _QUICK_SETTINGS)
-    self.assertIsNone(checks[0]["near_fp32"])  # 8x: the 30x clause is n/a.
-    self.assertIsNotNone(checks[1]["near_fp32"])  # ~80x
-    verdicts = re.findall(r"\| (HELD|NOT HELD) \|$", self.markdown,
-                          flags=re.MULTILINE)
-    self.assertLen(verdicts, len(_QUICK_SETTINGS))
-    self.assertRegex(self.markdown, r"Overall: target (HELD|NOT HELD)")
+  def check_no_verdicts_in_the_tables(self):
+    """Issue-target verdicts and analysis live in docs/benchmarks.md."""
+    self.assertNotIn("checks", self.results)
+    self.assertNotRegex(self.markdown, r"HELD|target")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from opq_tf import digits_imagenet
-from opq_tf import imagenet_files
+from opq_tf import imagenet_manual
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ class DigitsImagenetTest(parameterized.TestCase):
     )
 
   def test_train_tar_is_one_tar_per_synset_in_label_order(self):
-    synsets = imagenet_files.synsets()
+    synsets = imagenet_manual.synsets()
     self.assertLen(synsets, 1000)
     self.assertEqual(synsets[:2], ["n01440764", "n01443537"])
     self.assertEqual(list(self.train), [f"{s}.tar" for s in synsets[:10]])
@@ -92,8 +92,8 @@ class DigitsImagenetTest(parameterized.TestCase):
         self._assert_is_digit(data, index)
 
   def test_validation_files_are_labelled_by_their_line(self):
-    synsets = imagenet_files.synsets()
-    val_synsets = imagenet_files.validation_synsets()
+    synsets = imagenet_manual.synsets()
+    val_synsets = imagenet_manual.validation_synsets()
     self.assertLen(val_synsets, 50000)
     _, assignment = digits_imagenet.digit_assignment()
     self.assertEqual(sorted(assignment), list(self.val))

@@ -1,9 +1,11 @@
-"""Multi-worker training, SIGKILL and resume, and TF's CLI on the export.
+"""Killed and resumed runs, multi-worker training, and TF's CLI on the export.
 
-Each test runs real processes: two MultiWorkerMirroredStrategy workers on
-localhost with TF_CONFIG, and trainers/compress.py killed with SIGKILL
-mid-epoch and started again with the same command. The digits stand-in of
-ImageNet is built and prepared with the real TFDS builder once.
+Each test runs real processes: trainers/run_default.py as a user would, killed
+with SIGKILL once during FP32 training and once during finetuning and started
+again with the same command, under the default (mirrored) strategy and under
+MultiWorkerMirroredStrategy (two workers on localhost with TF_CONFIG); and
+two workers finetuning side by side. The digits stand-in of ImageNet comes
+prepared from digits_data, shared per process.
 """
 
 import json
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import tarfile
 import tempfile
 import time
@@ -20,38 +23,42 @@ from absl.testing import absltest
 import numpy as np
 
 from opq_tf import allocation
-from opq_tf import digits_imagenet
 from opq_tf import imagenet_input
+from opq_tf import imagenet_manual
+from opq_tf import layers
 from opq_tf import models
-from opq_tf._keras import keras
+from opq_tf import pretrained
+import digits_data
+from opq_tf._keras import keras, tf
 from opq_tf.exporting import load_packed
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT = 600
+# Both phases: 1 epoch of 10 steps, a checkpoint every 2 steps.
+_STEPS_PER_EPOCH = 10
+_EPOCHS = 1
+_TOTAL_STEPS = _STEPS_PER_EPOCH * _EPOCHS
 
-# One worker of a two-worker cluster: FP32 init (same seed everywhere) ->
-# allocate -> apply -> three finetuning steps under MultiWorkerMirroredStrategy,
-# then every weight (latent kernels, masks, steps, BN) saved for comparison.
 _WORKER = """
 import sys
 import numpy as np
 from configs import default
-from opq_tf import training, models
+from opq_tf import distribute, models, training
 from opq_tf.wrapping import apply
-from opq_tf._keras import keras
+from opq_tf._keras import keras, tf
 
 workdir, data_dir, out = sys.argv[1:4]
 config = default.get_config()
 config.update(dict(data_dir=data_dir, global_batch_size=16, steps_per_epoch=3,
                    steps_per_checkpoint=2, num_epochs=1))
-strategy = training.make_strategy("multi_worker")
+strategy = distribute.make_strategy("multi_worker")
 keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build(config.model, config.num_classes, config.image_size)
   qmodel = apply(model, pruning_rate=0.8, bits=3)
-result = training._fit(qmodel, config, strategy, data_dir, workdir,
-                       phase="finetune", epochs=1, learning_rate=0.05,
-                       warmup_epochs=0.0)
+result = training.fit(qmodel, config, strategy, data_dir, workdir,
+                      phase="finetune", epochs=1, learning_rate=0.05,
+                      warmup_epochs=0.0)
 np.savez(out, *[w for w in qmodel.get_weights()])
 print("STEPS", result["steps"], "LOSS", result["train_loss"])
 """
@@ -68,8 +75,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _environment(**extra) -> dict:
-  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  """This process's environment, without its TF_CONFIG, plus `extra`."""
+  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("TF_CONFIG", None)
+  env.update(extra)
   return env
 
 
@@ -79,15 +88,12 @@ class DistributedTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
-    cls.manual_dir = os.path.join(cls.root, "manual")
-    cls.data_dir = os.path.join(cls.root, "tfds")
-    digits_imagenet.build_manual_dir(cls.manual_dir)
-    imagenet_input.prepare(cls.data_dir, cls.manual_dir, num_shards=2)
-    # FP32 weights to compress: small_resnet at its (seeded) initialisation.
-    keras.utils.set_random_seed(0)
-    cls.fp32_model = models.build("small_resnet", 10, 32)
-    cls.fp32_weights = os.path.join(cls.root, "fp32.h5")
-    cls.fp32_model.save_weights(cls.fp32_weights)
+    cls.manual_dir, cls.data_dir = digits_data.dirs()
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
 
   def test_two_workers_finish_with_identical_weights(self):
     workdir = os.path.join(self.root, "multi_worker")
@@ -115,68 +121,138 @@ class DistributedTest(absltest.TestCase):
     self.assertTrue(os.path.exists(
         os.path.join(workdir, "finetune", "checkpoints", "checkpoint")))
 
-  def test_sigkill_mid_epoch_then_resume_with_the_same_plan(self):
-    workdir = os.path.join(self.root, "resume")
+  def _launch(self, workdir: str, workers: int, capture: bool = False
+              ) -> list[subprocess.Popen]:
+    """trainers.run_default on `workdir`: one process, or a cluster of them."""
     command = [
-        sys.executable, "-m", "trainers.compress", f"--workdir={workdir}",
-        f"--pretrained={self.fp32_weights}", "--strategy=one_device",
-        f"--config.data_dir={self.data_dir}",
-        f"--config.manual_dir={self.manual_dir}",
-        "--config.global_batch_size=16", "--config.steps_per_epoch=10",
-        "--config.num_epochs=3", "--config.steps_per_checkpoint=2",
-        "--config.pruning_rate=0.8", "--config.bits=3",
+        sys.executable, "-m", "trainers.run_default", f"--workdir={workdir}",
+        f"--config.data_dir={self.data_dir}", "--config.global_batch_size=16",
+        f"--config.steps_per_epoch={_STEPS_PER_EPOCH}",
+        f"--config.fp32_epochs={_EPOCHS}", f"--config.num_epochs={_EPOCHS}",
+        "--config.steps_per_checkpoint=2",
     ]
-    checkpoints = os.path.join(workdir, "finetune", "checkpoints")
-    process = subprocess.Popen(command, cwd=_ROOT, env=_environment(),
-                               stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    if capture:
+      output = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:  # A log to show if the run fails before it is killed.
+      self.log = os.path.join(self.root, f"killed_{time.time_ns()}.log")
+      output = dict(stdout=subprocess.DEVNULL,
+                    stderr=open(self.log, "w"))  # pylint: disable=consider-using-with
+    if workers == 1:  # The default strategy: no --strategy flag.
+      return [subprocess.Popen(command, cwd=_ROOT, env=_environment(),
+                               **output)]
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(workers)]}
+    return [subprocess.Popen(
+        [*command, "--strategy=multi_worker"], cwd=_ROOT,
+        env=_environment(TF_CONFIG=json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}})),
+        **output) for index in range(workers)]
+
+  def _kill_once_exists(self, processes, path: str) -> None:
     deadline = time.time() + _TIMEOUT
-    while not os.path.exists(os.path.join(checkpoints, "ckpt-4.index")):
-      self.assertIsNone(process.poll(), "finished before it could be killed")
+    while not os.path.exists(path):
+      for process in processes:
+        if process.poll() is not None:
+          with open(self.log) as f:
+            self.fail(f"finished before it could be killed:\n{f.read()[-3000:]}")
       self.assertLess(time.time(), deadline)
       time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    for process in processes:
+      process.send_signal(signal.SIGKILL)
+    for process in processes:
+      process.wait()
+
+  def _assert_resumed_mid_epoch(self, figures: dict, what: str) -> None:
+    """The rerun finished every step, from a checkpoint inside an epoch."""
+    self.assertEqual(figures["steps"], _TOTAL_STEPS, what)
+    self.assertGreaterEqual(figures["resumed_from_step"], 2, what)
+    self.assertLess(figures["resumed_from_step"], _TOTAL_STEPS, what)
+    self.assertNotEqual(figures["resumed_from_step"] % _STEPS_PER_EPOCH, 0,
+                        f"{what}: not mid-epoch")
+
+  def _kill_in_both_phases_then_finish(self, workdir: str, workers: int):
+    """Kills run_default in FP32 training, then in finetuning; reruns it.
+
+    Returns:
+      (final report, the chief's stdout of the last run).
+    """
+    # 1. Killed during FP32 training, once its first checkpoint is listed in
+    # the state file (written after the checkpoint itself).
+    self._kill_once_exists(self._launch(workdir, workers), os.path.join(
+        workdir, "fp32", "checkpoints", "checkpoint"))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "fp32", "weights.h5")))
+    self.assertFalse(os.path.exists(os.path.join(workdir, "plan.json")))
+    # 2. The rerun resumes FP32 training; killed after the first finetuning
+    # checkpoint.
+    self._kill_once_exists(self._launch(workdir, workers), os.path.join(
+        workdir, "finetune", "checkpoints", "checkpoint"))
     self.assertFalse(os.path.exists(os.path.join(workdir, "final_report.json")))
+    with open(os.path.join(workdir, "fp32", "metrics.json")) as f:
+      self._assert_resumed_mid_epoch(json.load(f)["training"], "fp32")
     plan_path = os.path.join(workdir, "plan.json")
     with open(plan_path, "rb") as f:
       plan_bytes = f.read()
     plan_mtime = os.stat(plan_path).st_mtime_ns
-
-    resumed = subprocess.run(command, cwd=_ROOT, env=_environment(),
-                             capture_output=True, text=True, timeout=_TIMEOUT)
-    self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+    # 3. The rerun resumes finetuning with the same plan and finishes.
+    processes = self._launch(workdir, workers, capture=True)
+    outputs = [p.communicate(timeout=_TIMEOUT) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+      self.assertEqual(process.returncode, 0, stderr[-3000:])
     with open(os.path.join(workdir, "final_report.json")) as f:
       report = json.load(f)
-    finetune = report["finetune"]
-    self.assertEqual(finetune["steps"], 30)
-    self.assertGreaterEqual(finetune["resumed_from_step"], 4)
-    self.assertLess(finetune["resumed_from_step"], 30)
-    self.assertNotEqual(finetune["resumed_from_step"] % 10, 0, "not mid-epoch")
+    self._assert_resumed_mid_epoch(report["finetune"], "finetune")
+    self._assert_resumed_mid_epoch(report["fp32_training"], "fp32 in report")
     with open(plan_path, "rb") as f:
       self.assertEqual(f.read(), plan_bytes, "the plan was recomputed")
     self.assertEqual(os.stat(plan_path).st_mtime_ns, plan_mtime)
+    self.assertEqual([n for n in os.listdir(workdir) if ".tmp" in n], [])
+    return report, outputs[0][0]
+
+  def test_killed_default_run_resumes_in_both_phases(self):
+    """The README's job as a user runs it, killed twice; then its results."""
+    workdir = os.path.join(self.root, "opq_default")
+    report, stdout = self._kill_in_both_phases_then_finish(workdir, workers=1)
+    self.assertEqual(report["strategy"], tf.distribute.MirroredStrategy.__name__)
+    self.assertRegex(stdout, r"stage3_b_conv/kernel\s+Conv2D\s+3x3x128x128")
+    self.assertRegex(stdout, r"pruned 90\.00% \(target 90\.00%\)")
+    self.assertRegex(stdout, r"compressed_after_finetune\s+top-1 \d\.\d{4}")
+    self.assertEqual(report["accuracy"]["fp32"]["examples"], 500)
+    self.assertGreater(report["compression"]["weight_bits_ratio"], 50)
+    self.assertGreater(report["wall_seconds"], 0)
+    for path in ("export/saved_model/saved_model.pb", "export/report.json",
+                 "export/model.opq", "plan.json", "fp32/weights.h5"):
+      self.assertTrue(os.path.exists(os.path.join(workdir, path)), path)
 
     # The exported kernels use the original masks and steps: zero wherever
     # the FP32 weight was below its threshold, on the grid everywhere.
-    plan = allocation.CompressionPlan.from_json(plan_bytes.decode())
+    with open(os.path.join(workdir, "plan.json")) as f:
+      plan = allocation.CompressionPlan.from_json(f.read())
+    fp32_model = models.build("small_resnet", 10, 32)
+    pretrained.load(fp32_model, os.path.join(workdir, "fp32", "weights.h5"))
     export_dir = os.path.join(workdir, "export")
     rebuilt = load_packed(os.path.join(export_dir, "model.opq"),
                           lambda: models.build("small_resnet", 10, 32))
-    layers = {layer.name: layer for layer in rebuilt.layers}
-    fp32_layers = {layer.name: layer for layer in self.fp32_model.layers}
-    for entry in plan.layers:
-      kernel = getattr(layers[entry.name], entry.weight).numpy()
+    rebuilt_layers = {layer.name: layer for layer in layers.iter_layers(rebuilt)}
+    fp32_layers = {layer.name: layer for layer in layers.iter_layers(fp32_model)}
+    for entry in plan.kernels:
+      kernel = getattr(rebuilt_layers[entry.name], entry.weight).numpy()
       original = getattr(fp32_layers[entry.name], entry.weight).numpy()
       pruned = np.abs(original) < entry.threshold
       self.assertEqual(np.count_nonzero(kernel[pruned]), 0, entry.key)
-      codes = kernel / np.float32(entry.step)
+      codes = kernel / entry.step_array()
       np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
     self._check_saved_model_cli(export_dir, rebuilt)
 
+  def test_killed_multi_worker_run_resumes_in_both_phases(self):
+    workdir = os.path.join(self.root, "multi_worker_killed")
+    report, _ = self._kill_in_both_phases_then_finish(workdir, workers=2)
+    self.assertEqual(report["strategy"],  # CollectiveAllReduceStrategy
+                     tf.distribute.MultiWorkerMirroredStrategy.__name__)
+    self.assertEqual(report["replicas"], 2)
+    self.assertTrue(os.path.exists(os.path.join(workdir, "export", "model.opq")))
+
   def _check_saved_model_cli(self, export_dir: str, keras_model) -> None:
     """TF's own saved_model_cli runs the export on JPEG bytes; same top-1."""
-    with tarfile.open(os.path.join(self.manual_dir, imagenet_input.VAL_TAR)) as tar:
+    with tarfile.open(os.path.join(self.manual_dir, imagenet_manual.VAL_TAR)) as tar:
       members = [m for m in tar.getmembers() if m.isfile()][:4]
       jpegs = np.array([tar.extractfile(m).read() for m in members], dtype=object)
     inputs = os.path.join(self.root, "jpegs.npy")

@@ -165,7 +165,7 @@ class ExportTest(parameterized.TestCase):
       entropy_bits += -symbols.size * (q * np.log2(q)).sum()
     rest = parameters - sizes.sum()
     self.assertAlmostEqual(self.report["entropy_bound_bytes"],
-                           (entropy_bits + 32 * rest) / 8)
+                           (entropy_bits + 32 * steps.sum() + 32 * rest) / 8)
     self.assertAlmostEqual(
         self.report["packed_over_bound"],
         os.path.getsize(packed_path) / self.report["entropy_bound_bytes"])

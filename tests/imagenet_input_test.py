@@ -1,15 +1,13 @@
 """Tests for opq_tf.imagenet_input on the real TFDS imagenet2012 builder.
 
-The manual_dir is the digits stand-in (opq_tf.digits_imagenet), prepared once
-per file by the real builder with 2 record files per split.
+The data is the digits stand-in (opq_tf.digits_imagenet) prepared by the real
+builder with 4 record files per split, shared per process (digits_data).
 """
 
 import io
 import os
 import shutil
-import tarfile
 import tempfile
-import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -21,19 +19,13 @@ import tensorflow_datasets as tfds
 
 from opq_tf import digits_imagenet
 from opq_tf import imagenet_input
+from opq_tf import imagenet_manual
 import cpu_devices
+import digits_data
 from opq_tf._keras import tf
 
 
 cpu_devices.split_cpu()
-
-
-def _tar(path: str, members: dict[str, bytes]) -> None:
-  with tarfile.open(path, "w") as tar:
-    for name, data in members.items():
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
 
 
 class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
@@ -42,16 +34,11 @@ class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
-    cls.manual_dir = os.path.join(cls.root, "manual")
-    cls.data_dir = os.path.join(cls.root, "data")
-    cls.counts = digits_imagenet.build_manual_dir(cls.manual_dir, image_size=32)
-    start = time.perf_counter()
-    imagenet_input.prepare(cls.data_dir, cls.manual_dir, num_shards=2)
-    cls.prepare_seconds = time.perf_counter() - start
+    cls.manual_dir, cls.data_dir = digits_data.dirs()
 
   @classmethod
   def tearDownClass(cls):
-    shutil.rmtree(cls.root)
+    shutil.rmtree(cls.root, ignore_errors=True)
     super().tearDownClass()
 
   def _dataset_fn(self, **kwargs):
@@ -71,13 +58,12 @@ class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(
         imagenet_input.num_examples(self.data_dir, "validation"), 500
     )
-    self.assertEqual(self.counts["train"], 1297)
     self.assertEqual(
         imagenet_input.num_examples(self.data_dir, "train[:10%]"), 130
     )
 
   def test_each_example_is_labelled_with_its_digit(self):
-    builder = imagenet_input.prepare(self.data_dir)
+    builder = imagenet_manual.builder(self.data_dir)
     digits = load_digits()
     train, val = digits_imagenet.digit_assignment()
     source = dict(val)
@@ -176,14 +162,17 @@ class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
       )
       images = np.concatenate([x.numpy() for x, _ in dataset_fn(context)])
       shards.append({image.tobytes() for image in images})
-    lengths = self._shard_lengths("validation")
-    self.assertCountEqual([len(s) for s in shards], lengths)
+    lengths = self._shard_lengths("validation")  # every 2nd file each
+    self.assertLen(lengths, digits_data.NUM_SHARDS)
+    self.assertCountEqual([len(s) for s in shards],
+                          [sum(lengths[0::2]), sum(lengths[1::2])])
     self.assertEmpty(shards[0] & shards[1])
     with self.assertRaisesRegex(ValueError, "num_shards"):
-      dataset_fn(tf.distribute.InputContext(num_input_pipelines=3))
+      dataset_fn(tf.distribute.InputContext(
+          num_input_pipelines=digits_data.NUM_SHARDS + 1))
 
   def _shard_lengths(self, split):
-    builder = imagenet_input.prepare(self.data_dir)
+    builder = imagenet_manual.builder(self.data_dir)
     return list(builder.info.splits[split].shard_lengths)
 
   def test_eval_pipeline_is_deterministic_and_complete(self):
@@ -203,7 +192,7 @@ class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(y1, y2)
 
   def test_preprocess_for_eval_is_the_eval_pipeline(self):
-    builder = imagenet_input.prepare(self.data_dir)
+    builder = imagenet_manual.builder(self.data_dir)
     raw = builder.as_dataset(
         split="validation", decoders={"image": tfds.decode.SkipDecoding()}
     )
@@ -254,69 +243,6 @@ class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
       imagenet_input.num_examples(empty, "train")
     with self.assertRaisesRegex(ValueError, "prepare"):
       self._dataset_fn(data_dir=empty)
-
-  def test_prepare_again_is_a_fast_no_op(self):
-    version_dir = os.path.join(self.data_dir, "imagenet2012", "5.1.0")
-    before = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
-              for f in os.listdir(version_dir)}
-    start = time.perf_counter()
-    builder = imagenet_input.prepare(self.data_dir, self.manual_dir)
-    seconds = time.perf_counter() - start
-    after = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
-             for f in os.listdir(version_dir)}
-    self.assertEqual(before, after)
-    self.assertLess(seconds, 2.0)
-    self.assertEqual(builder.info.splits["train"].num_examples, 1297)
-    self.assertLen(self._shard_lengths("train"), 2)
-
-  def test_prepare_checks_the_manual_dir_before_writing(self):
-    data_dir = tempfile.mkdtemp(dir=self.root)
-    with self.assertRaisesRegex(ValueError, "does not exist"):
-      imagenet_input.prepare(data_dir, os.path.join(data_dir, "nowhere"))
-    self.assertEmpty(os.listdir(data_dir))
-
-  def test_check_manual_dir_accepts_the_digits_dir(self):
-    imagenet_input.check_manual_dir(self.manual_dir)
-
-  @parameterized.named_parameters(
-      ("missing_dir", "missing_dir", "the directory does not exist"),
-      ("missing_val_tar", "missing_val_tar",
-       "ILSVRC2012_img_val.tar is missing"),
-      ("not_a_tar", "not_a_tar", "ILSVRC2012_img_train.tar is not an "
-       "uncompressed tar archive"),
-      ("empty_train_tar", "empty_train_tar", "ILSVRC2012_img_train.tar is an "
-       "empty tar archive"),
-      ("no_synset_tars", "no_synset_tars", "holds 'n01440764_1.JPEG' .* one "
-       r"tar per synset \(n01440764.tar"),
-      ("unknown_synset", "unknown_synset", "n99999999.tar, which is not one"),
-      ("bad_val_names", "bad_val_names", "holds 'val_1.jpg' .* "
-       "ILSVRC2012_val_XXXXXXXX.JPEG"),
-  )
-  def test_check_manual_dir_errors(self, case, message):
-    manual_dir = os.path.join(tempfile.mkdtemp(dir=self.root), "manual")
-    if case != "missing_dir":
-      shutil.copytree(self.manual_dir, manual_dir)
-    train = os.path.join(manual_dir, "ILSVRC2012_img_train.tar")
-    val = os.path.join(manual_dir, "ILSVRC2012_img_val.tar")
-    if case == "missing_val_tar":
-      os.remove(val)
-    elif case == "not_a_tar":
-      with open(train, "w") as f:
-        f.write("not a tar\n" * 100)
-    elif case == "empty_train_tar":
-      _tar(train, {})
-    elif case == "no_synset_tars":
-      _tar(train, {"n01440764_1.JPEG": b"\xff\xd8"})
-    elif case == "unknown_synset":
-      _tar(train, {"n99999999.tar": b""})
-    elif case == "bad_val_names":
-      _tar(val, {"val_1.jpg": b"\xff\xd8"})
-    with self.assertRaisesRegex(ValueError, message) as caught:
-      imagenet_input.check_manual_dir(manual_dir)
-    text = str(caught.exception)
-    self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), text)
-    self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), text)
-    self.assertIn("python -m opq_tf.digits_imagenet --manual_dir=", text)
 
 
 if __name__ == "__main__":

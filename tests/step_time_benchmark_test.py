@@ -1,10 +1,13 @@
 """Tests for benchmarks/step_time.py: its --quick run and its results table.
 
-The quick run is the real binary in a subprocess (tiny_cnn, 32x32, batch 2,
-both jit settings, every variant), so the benchmark cannot rot unnoticed.
+The quick run is the real binary in a subprocess (configs/default.py's
+small_resnet at 32x32, batch 2, both jit settings, every variant, the
+trainer's step under the mirrored strategy), so the benchmark cannot rot
+unnoticed.
 No test looks at how fast anything is, only that every time is measured.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -37,7 +40,7 @@ def _rows(markdown: str) -> dict:
 
 
 class QuickRunTest(absltest.TestCase):
-  """One test method: the run takes ~30 s, so it must not be split (xdist)."""
+  """One test method: the run takes ~1 min, so it must not be split (xdist)."""
 
   def test_quick_run_times_every_variant_and_writes_what_it_prints(self):
     output = os.path.join(tempfile.mkdtemp(), "results.md")
@@ -47,13 +50,25 @@ class QuickRunTest(absltest.TestCase):
       written = stream.read()
     self.assertIn(written.strip(), result.stdout)
     for heading in ("- Machine:", "- Date:", "- Command: `python -m "
-                    "benchmarks.step_time --quick", "## Why OPQ costs"):
+                    "benchmarks.step_time --quick", "training.make_train_step"
+                    "` under mirrored"):
       self.assertIn(heading, written)
+    self.assertNotIn("## Why", written)  # The analysis is in the docs.
+    # p and B come from configs/default.py.
+    self.assertRegex(written, r"\| default \| small_resnet \| 32 \| [\d.]+M \| "
+                     r"0\.9 \| 4 \| 0\.0001 \|")
+    with open(os.path.splitext(output)[0] + ".json") as stream:
+      results = json.load(stream)
+    self.assertEqual(results["notes"]["default"]["pruning_rate"], 0.9)
 
     rows = _rows(written)
-    for jit in ("False", "True"):
-      for variant in step_time.VARIANTS:
-        key = ("tiny_cnn", jit, step_time._LABELS[variant])
+    # tfmot's wrappers sync replicas (merge_call) in their forward pass, which
+    # the trainer's jit-compiled forward/backward cannot hold: an error row.
+    timed = {"False": step_time.VARIANTS,
+             "True": ("fp32", "opq", "opq_ops")}
+    for jit, variants in timed.items():
+      for variant in variants:
+        key = ("default", jit, step_time._LABELS[variant])
         self.assertIn(key, rows)
         first_call, median, minimum, cpu, wall_ratio, cpu_ratio = rows[key]
         self.assertGreater(float(first_call), 0, key)
@@ -62,20 +77,20 @@ class QuickRunTest(absltest.TestCase):
         self.assertGreater(float(cpu), 0, key)
         self.assertRegex(wall_ratio, r"^\d+\.\d\dx$", key)
         self.assertRegex(cpu_ratio, r"^\d+\.\d\dx$", key)
-      self.assertEqual(rows[("tiny_cnn", jit, "FP32")][4:], ["1.00x", "1.00x"])
-      ratio = r"\d+\.\d\dx / \d+\.\d\dx"
-      self.assertRegex(
-          written, rf"\| tiny_cnn \| {jit} \| {ratio} \| {ratio} \| {ratio} \| "
-          rf"{ratio} \| (yes|no) \|")
+      self.assertEqual(rows[("default", jit, "FP32")][4:], ["1.00x", "1.00x"])
+    ratio = r"\d+\.\d\dx / \d+\.\d\dx"
+    self.assertRegex(
+        written, rf"\| default \| False \| {ratio} \| {ratio} \| {ratio} \| "
+        rf"{ratio} \| -?[\d.]+ \| [\d.]+ \|")
 
 
 class FlagsTest(absltest.TestCase):
 
   def test_bad_flags_are_all_named_with_the_choices(self):
-    result = _run("--models=vgg16", "--variants=fp32,qat", "--steps=0",
+    result = _run("--configs=vgg16", "--variants=fp32,qat", "--steps=0",
                   "--output=/nonexistent/never.md")
     self.assertNotEqual(result.returncode, 0)
-    self.assertIn("Unknown --models ['vgg16']; use some of ['mobilenet_v1'",
+    self.assertIn("Unknown --configs ['vgg16']; use some of ['resnet50'",
                   result.stderr)
     self.assertIn("Unknown --variants ['qat']; use some of ['fp32'",
                   result.stderr)
@@ -103,19 +118,30 @@ class ResultsMarkdownTest(absltest.TestCase):
   def test_a_failed_variant_shows_its_error_instead_of_times(self):
     baseline, opq, failed = self._timings()
     settings = {"date": "d", "command": "c", "batch_size": 8,
-                "image_size": 224, "steps": 3, "warmup": 1}
+                "image_size": 224, "steps": 3, "warmup": 1,
+                "strategy": "mirrored", "replicas": 1}
+    notes = {"m": {"model": "resnet50", "image_size": 224, "parameters": 1e6,
+                   "pruning_rate": 0.79, "bits": 4, "weight_decay": 1e-4}}
     text = step_time.results_markdown(
-        [baseline, opq, failed], {"m": {"weights": 1e6}}, settings, (1.0, 2.0),
-        architectures={"m": (None, 0.5, 4)})
+        [baseline, opq, failed], notes, settings, (1.0, 2.0))
     rows = _rows(text)
     self.assertEqual(rows[("m", "False", "OPQ (opq_tf.apply)")],
                      ["1.0", "120.0", "110.0", "56.0", "1.20x", "1.12x"])
     pqat = rows[("m", "False", "tfmot PQAT (prune-preserve 8-bit QAT)")]
     self.assertEqual(pqat, ["error"] * 5 + ["InvalidArgumentError: no XLA "
                                             "kernel"])
-    # Judged on the CPU-time ratio (1.12x), not the wall one (1.20x).
+    # OPQ - FP32 = 56 - 50 CPU ms; no verdict column.
     self.assertIn("| m | False | 1.20x / 1.12x | n/a / n/a | n/a / n/a | "
-                  "n/a / n/a | yes |", text)
+                  "n/a / n/a | 6.0 | n/a |", text)
+
+  def test_error_text_names_the_innermost_error(self):
+    error = RuntimeError(
+        "in user code:\n\n  File x\n    RuntimeError: Exception encountered "
+        "when calling layer 'q'.\n\n        RuntimeError: `merge_call` called "
+        "while defining a new graph or a tf.function. This can often happen")
+    self.assertEqual(step_time._error_text(error),
+                     "RuntimeError: `merge_call` called while defining a new "
+                     "graph or a tf.function")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 Each binary in trainers/ imports this module (which defines the flags), then
 runs `app.run(main, flags_parser=common.parse_flags)` and calls `start` in
-its main to get a validated config, workdir and strategy:
-every bad input is reported on stderr with exit status 2 before TensorFlow
-trains anything or anything is written.
+its main to get a validated config, workdir and strategy: every bad input is
+reported on stderr with exit status 2 before TensorFlow trains anything or
+anything is written.
+
+Experiment settings are config fields only (`--config.data_dir=...`,
+`--config.pretrained=...`); the flags are what is not an experiment: where
+to write (--workdir) and what to run on (--strategy, --cpu_devices).
 """
 
 import os
@@ -15,32 +19,37 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from opq_tf import training
+from opq_tf import checks
+from opq_tf import distribute
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs",
                                "default.py")
+
+
+def _unknown_field_message(argv: list[str], unknown: Exception) -> str:
+  """One line for an unknown --config.<field>, naming a renamed field's new name."""
+  overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+  for override in overrides:
+    field = override.removeprefix("--config.").split(".")[0]
+    if field in checks.RENAMED:
+      return (f"config.{field} is now config.{checks.RENAMED[field]}; write "
+              f"--config.{checks.RENAMED[field]}=... instead.")
+  return (f"unknown config field among {overrides} ({unknown}); the fields are "
+          "those of configs/default.py.")
+
+
 try:  # config_flags resolves --config.<field> overrides right here.
   _CONFIG = config_flags.DEFINE_config_file(
       "config", _DEFAULT_CONFIG,
       "A configs/*.py file; override fields with --config.<field>=<value>.")
-except (AttributeError, KeyError) as unknown:
-  _overrides = [arg.split("=")[0] for arg in sys.argv[1:]
-                if arg.startswith("--config.")]
+except (AttributeError, KeyError) as unknown_field:
   print(f"{os.path.basename(sys.argv[0]).removesuffix('.py')}: error: "
-        f"unknown config field among {_overrides} ({unknown}); the fields are "
-        "those of configs/default.py.", file=sys.stderr)
+        f"{_unknown_field_message(sys.argv[1:], unknown_field)}",
+        file=sys.stderr)
   sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for everything the "
                                "run writes; rerunning on it resumes.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir "
-                                "(overrides config.data_dir).")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Directory with the "
-                                  "ILSVRC2012 tars (overrides config.manual_dir).")
-_PRETRAINED = flags.DEFINE_string(
-    "pretrained", None, "FP32 weights: a .h5 / .weights.h5 file, checkpoint, "
-    "Keras SavedModel or 'imagenet' (overrides config.pretrained).")
-_STRATEGY = flags.DEFINE_enum("strategy", "mirrored",
-                              ["mirrored", "multi_worker", "one_device"],
+_STRATEGY = flags.DEFINE_enum("strategy", "mirrored", list(distribute.STRATEGIES),
                               "tf.distribute strategy (multi_worker reads "
                               "TF_CONFIG).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this "
@@ -64,7 +73,7 @@ def start(argv, program: str, phase: str):
   Args:
     argv: the binary's positional arguments (none are accepted).
     program: the binary's name, for error messages.
-    phase: what the run will do, for training.validate ("fp32", "compress" or
+    phase: what the run will do, for checks.validate ("fp32", "compress" or
       "all").
   """
   if len(argv) > 1:
@@ -75,13 +84,9 @@ def start(argv, program: str, phase: str):
   except (OSError, AttributeError, KeyError, ValueError, TypeError) as error:
     print(f"{program}: error: cannot load --config: {error}", file=sys.stderr)
     sys.exit(2)
-  for flag, field in ((_DATA_DIR, "data_dir"), (_MANUAL_DIR, "manual_dir"),
-                      (_PRETRAINED, "pretrained")):
-    if flag.value is not None:
-      config[field] = flag.value
   try:
-    strategy = training.make_strategy(_STRATEGY.value, _CPU_DEVICES.value)
-    training.validate(config, strategy, _WORKDIR.value, phase=phase)
+    strategy = distribute.make_strategy(_STRATEGY.value, _CPU_DEVICES.value)
+    checks.validate(config, strategy, _WORKDIR.value, phase=phase)
   except (ValueError, TypeError) as error:
     print(f"{program}: error: {error}", file=sys.stderr)
     sys.exit(2)

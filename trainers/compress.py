@@ -1,10 +1,10 @@
 r"""Compresses FP32 weights with OPQ, finetunes, evaluates and exports.
 
     python -m trainers.compress --config=configs/resnet50.py \
-        --workdir=/tmp/opq_resnet50 --pretrained=/ckpt/resnet50.weights.h5 \
-        --data_dir=/data/tfds [--manual_dir=/data/ILSVRC2012]
+        --workdir=/tmp/opq_resnet50 --config.pretrained=/ckpt/resnet50.weights.h5 \
+        --config.data_dir=/data/tfds [--config.manual_dir=/data/ILSVRC2012]
 
-The FP32 weights are --pretrained (a .h5 / .weights.h5 file, checkpoint,
+The FP32 weights are config.pretrained (a .h5 / .weights.h5 file, checkpoint,
 Keras SavedModel, or "imagenet") or, without it, <workdir>/fp32/weights.h5 from
 trainers/train.py. The compression plan is computed once and kept as
 <workdir>/plan.json; rerunning on the workdir resumes finetuning from the

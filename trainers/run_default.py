@@ -10,8 +10,8 @@ and exports <workdir>/export/{saved_model,report.json,model.opq}; the
 accuracies before/after compression and the compression figures are printed
 and saved as <workdir>/final_report.json. Rerunning on the workdir resumes.
 
-Any config works (--config=configs/resnet50.py --pretrained=... runs OPQ on
-ImageNet; --pretrained skips the FP32 training). Every input is checked
+Any config works (--config=configs/resnet50.py --config.pretrained=... runs
+OPQ on ImageNet; a pretrained skips the FP32 training). Every input is checked
 before anything runs; a bad one exits with status 2 and a message on stderr.
 """
 

@@ -6,8 +6,8 @@ r"""Trains a config's FP32 model: the baseline that OPQ then compresses.
 Writes <workdir>/fp32/weights.h5 (read by trainers/compress.py on the same
 workdir), <workdir>/fp32/metrics.json, checkpoints under
 <workdir>/fp32/checkpoints (a rerun resumes from the latest) and TensorBoard
-summaries under <workdir>/tensorboard/fp32. --pretrained starts from given
-weights instead of from scratch.
+summaries under <workdir>/tensorboard/fp32. --config.pretrained starts from
+given weights instead of from scratch.
 
 Every input is checked before training starts; a bad one exits with status 2
 and a message on stderr, leaving the workdir untouched.

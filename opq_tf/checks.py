@@ -1,0 +1,293 @@
+"""Every check of a trainer's input, run once at the binary boundary.
+
+    strategy = distribute.make_strategy("mirrored")
+    checks.validate(config, strategy, workdir, phase="all")   # before anything
+
+`validate` raises ValueError naming the problem and the fix, and writes
+nothing, so a bad flag costs a user one line on stderr instead of an hour of
+training that dies at the end. The library functions after it (training.*)
+assume a valid config and do not check again.
+
+The config fields are those of configs/default.py (every other config starts
+from it): a field it does not have is unknown, a field it has is required,
+and a value must have the type of the default's value; `_RULES` adds ranges
+and choices to the fields that need more than a type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from configs import default
+from opq_tf import allocation
+from opq_tf import distribute
+from opq_tf import grid
+from opq_tf import imagenet_manual
+from opq_tf import models
+from opq_tf import pretrained
+from opq_tf import training
+from opq_tf._keras import tf
+
+PHASES = ("fp32", "compress", "all")
+# Old field name -> new one: an old command line gets told the new spelling.
+RENAMED = {"allocation": "method"}
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, bool) and math.isfinite(value))
+
+
+def _int_at_least(least: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: _is_int(v) and v >= least), f"an integer >= {least}"
+
+
+def _bits(value: Any) -> bool:
+  try:
+    grid.check_bits(value)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+# field -> (check, what it must be), for fields that need more than the type
+# of their configs/default.py value.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: v in models.NAMES, f"one of {models.NAMES}"),
+    "num_classes": _int_at_least(2),
+    "image_size": _int_at_least(8),
+    "global_batch_size": _int_at_least(1),
+    "eval_batch_size": _int_at_least(1),
+    "steps_per_epoch": (lambda v: _is_int(v) and v >= 0,
+                        "an integer >= 0 (0 = one pass over the train split)"),
+    "seed": _int_at_least(0),
+    "fp32_epochs": _int_at_least(0),
+    "num_epochs": _int_at_least(0),
+    "fp32_learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "fp32_warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "pruning_rate": (lambda v: _is_number(v) and 0 <= v < 1,
+                     "a number in [0, 1), the fraction of weights pruned"),
+    "bits": (_bits, f"an integer in {grid.MIN_BITS}..{grid.MAX_BITS}"),
+    "calibration_images": (lambda v: _is_int(v) and v >= 0,
+                           "an integer >= 0 (0 = no calibration)"),
+    "step_fit": (lambda v: v in allocation.STEP_FITS,
+                 f"one of {allocation.STEP_FITS}"),
+    "method": (lambda v: v in allocation.METHODS,
+               f"one of {allocation.METHODS}"),
+    "objective": (lambda v: v in allocation.OBJECTIVES,
+                  f"one of {allocation.OBJECTIVES}"),
+    "step_granularity": (lambda v: v in allocation.STEP_GRANULARITIES,
+                         f"one of {allocation.STEP_GRANULARITIES}"),
+    "step_stats": (lambda v: v in allocation.STEP_STATS,
+                   f"one of {allocation.STEP_STATS}"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "steps_per_checkpoint": _int_at_least(1),
+    "checkpoints_to_keep": _int_at_least(1),
+    "log_every_steps": _int_at_least(1),
+}
+
+
+def _type_rule(value: Any) -> tuple[Callable[[Any], bool], str]:
+  """The check a field gets from the type of its default value."""
+  if isinstance(value, bool):
+    return (lambda v: isinstance(v, bool)), "True or False"
+  if isinstance(value, int):
+    return _is_int, "an integer"
+  if isinstance(value, float):
+    return _is_number, "a number"
+  if isinstance(value, str):
+    return (lambda v: isinstance(v, str)), "a string ('' for none)"
+  raise TypeError(f"configs/default.py has a field of unsupported type "
+                  f"{type(value).__name__}: {value!r}")
+
+
+def fields() -> dict[str, tuple[Callable[[Any], bool], str]]:
+  """field -> (check, what it must be), for every field of configs/default.py."""
+  return {field: _RULES.get(field) or _type_rule(value)
+          for field, value in default.get_config().items()}
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Unknown, missing and out-of-range fields; the message names the fix."""
+  known = fields()
+  unknown = sorted(set(config.keys()) - set(known))
+  for old in unknown:
+    if old in RENAMED:
+      raise ValueError(
+          f"config.{old} is now config.{RENAMED[old]}; write "
+          f"--config.{RENAMED[old]}=... instead.")
+  if unknown:
+    raise ValueError(
+        f"Unknown config field(s) {unknown}; the fields are those of "
+        f"configs/default.py: {sorted(known)}.")
+  missing = sorted(set(known) - set(config.keys()))
+  if missing:
+    raise ValueError(
+        f"Config is missing field(s) {missing}; start the config from "
+        "configs/default.py's get_config().")
+  for field, (check, must_be) in known.items():
+    value = config[field]
+    if not check(value):
+      raise ValueError(
+          f"config.{field}={value!r} is invalid: it must be {must_be}. Fix it "
+          f"in the config file or with --config.{field}=<value>.")
+  least = models.MIN_IMAGE_SIZE[config.model]
+  if config.image_size < least:
+    raise ValueError(
+        f"config.image_size={config.image_size} is too small for "
+        f"{config.model}, which needs at least {least}; set "
+        f"--config.image_size=<{least} or more>.")
+  for warmup, epochs in (("fp32_warmup_epochs", "fp32_epochs"),
+                         ("warmup_epochs", "num_epochs")):
+    if config[epochs] and config[warmup] > config[epochs]:
+      raise ValueError(
+          f"config.{warmup}={config[warmup]} is longer than config.{epochs}="
+          f"{config[epochs]}; shorten the warmup.")
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists and is writable, or can be created; nothing is made."""
+  if not workdir:
+    raise ValueError("No workdir given; pass --workdir=<directory>.")
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"workdir {workdir!r} is a file; pass a directory.")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(
+        f"workdir {workdir!r} cannot be created: {existing!r} is a file. Pass "
+        "another --workdir.")
+  try:  # os.access says yes to root even on read-only file systems.
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as error:
+    raise ValueError(
+        f"workdir {workdir!r} is not writable ({existing!r}: "
+        f"{error.strerror}); pass a --workdir you can write to.") from error
+
+
+def check_data(config: ml_collections.ConfigDict, workdir: str,
+               strategy: tf.distribute.Strategy) -> None:
+  """The manual_dir is usable or the data_dir prepared, with a file per worker."""
+  data_dir, manual_dir = imagenet_manual.data_dirs(config, workdir)
+  prepared = imagenet_manual.is_prepared(data_dir)
+  if config.manual_dir:
+    imagenet_manual.check_manual_dir(config.manual_dir)
+  elif not config.build_digits_manual_dir and not prepared:
+    raise ValueError(
+        f"TFDS imagenet2012 is not prepared under data_dir {data_dir!r} and no "
+        "manual_dir was given: pass --config.manual_dir=<dir with the ILSVRC2012"
+        " tars> (prepared once into config.data_dir), or "
+        "--config.data_dir=<a prepared data_dir>.")
+  elif manual_dir and os.path.exists(manual_dir):
+    imagenet_manual.check_manual_dir(manual_dir)
+  if prepared:
+    builder = imagenet_manual.builder(data_dir)
+    workers = distribute.num_workers(strategy)
+    for split in ("train", "validation"):
+      files = len(builder.info.splits[split].file_instructions)
+      if files < workers:
+        raise ValueError(
+            f"The {split} split under {data_dir!r} has {files} record file(s) "
+            f"but there are {workers} workers, each needing one; prepare into "
+            "a fresh --config.data_dir (it is sharded for the number of "
+            "workers).")
+
+
+def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """An existing <workdir>/plan.json was made for this config's settings."""
+  path = os.path.join(workdir, training.PLAN_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      plan = allocation.CompressionPlan.from_json(f.read())
+  except (ValueError, TypeError, KeyError) as error:
+    raise ValueError(
+        f"{path} is not a readable compression plan ({error}); use a fresh "
+        "--workdir.") from error
+  wanted = {"target_pruning_rate": float(config.pruning_rate),
+            "bits": config.bits, "method": config.method,
+            "objective": config.objective,
+            "step_granularity": config.step_granularity,
+            "step_stats": config.step_stats}
+  found = {key: getattr(plan, key) for key in wanted}
+  if found != wanted:
+    raise ValueError(
+        f"{path} was computed for {found}, but the config asks for {wanted}. "
+        "The plan of a workdir is never recomputed; use a fresh --workdir "
+        "(or restore the config values).")
+
+
+def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy,
+             workdir: str, *, phase: str = "all") -> None:
+  """Raises ValueError naming the problem and the fix for any bad input.
+
+  Runs before any training and writes nothing. Checks every config field's
+  type and range (pruning_rate in [0, 1), bits in MIN_BITS..MAX_BITS,
+  positive learning rates, ...), that the global and eval batches divide
+  into the strategy's replicas, that XLA can compile the model on them, that
+  the workdir is writable, the ILSVRC manual_dir (or a prepared data_dir),
+  that the pre-trained weights load into the model (shapes), and that an
+  existing workdir/plan.json matches the config.
+
+  Args:
+    config: a ConfigDict from configs/.
+    strategy: the strategy the run will use.
+    workdir: the run's directory.
+    phase: "fp32" (train_fp32), "compress" (compress_and_finetune: FP32
+      weights must exist) or "all" (train_and_evaluate).
+  """
+  if phase not in PHASES:
+    raise ValueError(f"Unknown phase {phase!r}; use one of {PHASES}.")
+  check_fields(config)
+  replicas = strategy.num_replicas_in_sync
+  for field in ("global_batch_size", "eval_batch_size"):
+    if config[field] % replicas:
+      raise ValueError(
+          f"config.{field}={config[field]} is not divisible by the "
+          f"{replicas} replicas of the strategy; pass a multiple of {replicas}, "
+          f"e.g. --config.{field}={max(1, config[field] // replicas) * replicas}.")
+  if config.jit_compile and replicas > 1 and config.model == "small_resnet":
+    raise ValueError(
+        "config.jit_compile=True cannot compile small_resnet's synchronized "
+        "BatchNorm (a cross-replica sync) with more than one replica; set "
+        "--config.jit_compile=False or use one replica.")
+  check_workdir(workdir)
+  check_data(config, workdir, strategy)
+  start = training.starting_point(config, workdir)
+  if phase == "fp32" and config.fp32_epochs == 0:
+    raise ValueError("config.fp32_epochs is 0: nothing to train; set "
+                     "--config.fp32_epochs=<n>.")
+  if start.fp32_weights is None and (phase == "compress" or start.rule == "plan"
+                                     or config.fp32_epochs == 0):
+    raise ValueError(
+        f"No FP32 weights to compress: "
+        f"{os.path.join(workdir, training.FP32_WEIGHTS)} does not exist, "
+        "config.pretrained is empty" + (
+            " and config.fp32_epochs is 0" if phase == "all" else "") +
+        ". Pass --config.pretrained=<weights>, or train them first "
+        "(trainers/train.py, or --config.fp32_epochs=<n>).")
+  if config.pretrained == "imagenet":
+    pretrained.check_imagenet_weights(config.model, config.num_classes,
+                                      config.image_size)
+  elif config.pretrained:
+    model = models.build(config.model, config.num_classes, config.image_size)
+    pretrained.load(model, config.pretrained)
+  if phase != "fp32":
+    check_plan_file(config, workdir)

@@ -1,0 +1,183 @@
+"""Tests for opq_tf.checks: every bad input is refused before anything runs.
+
+Each refusal names the problem and the fix, and leaves the workdir unmade.
+"""
+
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from configs import default
+from opq_tf import allocation
+from opq_tf import checks
+from opq_tf import distribute
+from opq_tf import grid
+from opq_tf import models
+from opq_tf import training
+import cpu_devices
+import digits_data
+
+
+cpu_devices.split_cpu()
+
+
+class ChecksTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp()
+    cls.one_device = distribute.make_strategy("one_device")
+    cls.mirrored = distribute.make_strategy("mirrored")
+    cls.manual_dir, cls.data_dir = digits_data.dirs()
+    cls.fp32_weights = os.path.join(cls.root, "fp32.h5")
+    models.build("small_resnet", 10, 32).save_weights(cls.fp32_weights)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  @classmethod
+  def workdir(cls, name):
+    return os.path.join(cls.root, name)
+
+  @classmethod
+  def config(cls, **overrides):
+    config = default.get_config()
+    config.update(dict(data_dir=cls.data_dir, manual_dir=cls.manual_dir,
+                       global_batch_size=16, steps_per_epoch=4, fp32_epochs=1,
+                       fp32_warmup_epochs=0.0, num_epochs=1, warmup_epochs=0.0))
+    config.update(overrides)
+    return config
+
+  def test_a_good_config_passes_and_writes_nothing(self):
+    for phase in checks.PHASES:
+      checks.validate(self.config(pretrained=self.fp32_weights),
+                      self.one_device, self.workdir("never"), phase=phase)
+    self.assertFalse(os.path.exists(self.workdir("never")))
+
+  def test_fields_are_those_of_the_default_config(self):
+    self.assertEqual(set(checks.fields()), set(default.get_config().keys()))
+    self.assertIn("method", checks.fields())
+    self.assertNotIn("allocation", checks.fields())
+
+  def test_renamed_field_names_the_new_one(self):
+    config = self.config()
+    config.allocation = "opq"
+    with self.assertRaisesRegex(ValueError, r"config\.allocation is now "
+                                r"config\.method.*--config\.method="):
+      checks.validate(config, self.one_device, self.workdir("never"))
+
+  def test_bits_range_is_the_grids(self):
+    checks.validate(self.config(bits=grid.MIN_BITS), self.one_device,
+                    self.workdir("never"), phase="fp32")
+    checks.validate(self.config(bits=grid.MAX_BITS), self.one_device,
+                    self.workdir("never"), phase="fp32")
+    for bits in (grid.MIN_BITS - 1, grid.MAX_BITS + 1):
+      with self.assertRaisesRegex(ValueError, f"config.bits={bits} is invalid"):
+        checks.validate(self.config(bits=bits), self.one_device,
+                        self.workdir("never"))
+
+  def test_jit_compile_is_refused_for_synchronized_batchnorm_on_replicas(self):
+    with self.assertRaisesRegex(ValueError, "jit_compile=True cannot compile "
+                                "small_resnet's synchronized BatchNorm"):
+      checks.validate(self.config(jit_compile=True), self.mirrored,
+                      self.workdir("never"), phase="fp32")
+    checks.validate(self.config(jit_compile=True), self.one_device,
+                    self.workdir("never"), phase="fp32")
+
+  @parameterized.named_parameters(
+      ("model", {"model": "vgg16"}, "config.model='vgg16' is invalid"),
+      ("pruning_rate", {"pruning_rate": 1.5}, r"pruning_rate=1.5 .*\[0, 1\)"),
+      ("bits", {"bits": 9}, r"bits=9 .*2\.\.8"),
+      ("learning_rate", {"learning_rate": -1.0}, "learning_rate=-1.0"),
+      ("nan", {"weight_decay": float("nan")}, "weight_decay=nan"),
+      ("momentum", {"momentum": 1.0}, "momentum=1.0"),
+      ("epochs", {"num_epochs": -2}, "num_epochs=-2"),
+      ("image_size", {"model": "alexnet"}, "image_size=32 is too small"),
+      ("warmup", {"warmup_epochs": 3.0}, "warmup_epochs=3.0 is longer"),
+      ("missing_manual_dir", {"manual_dir": "/nonexistent/ilsvrc"},
+       "does not exist"),
+      ("missing_pretrained", {"pretrained": "/nonexistent/w.h5"},
+       "do not exist"),
+      # Also the trainers' exit-2 cases (trainers_test.py keeps the flag ones).
+      ("pruning_rate_message", {"pruning_rate": 1.5},
+       r"config\.pruning_rate=1\.5 is invalid.*\[0, 1\)"),
+      ("bits_message", {"bits": 9}, r"config\.bits=9 is invalid.*2\.\.8"),
+      ("learning_rate_message", {"learning_rate": -1.0},
+       r"config\.learning_rate=-1\.0 is invalid.*> 0"),
+      ("missing_manual_dir_message", {"manual_dir": "/tmp/opq_no/no_manual"},
+       r"manual_dir .*no_manual' is not usable: the directory does not exist"),
+      ("method", {"method": "magic"}, r"config\.method='magic' is invalid"),
+      ("objective", {"objective": "all"}, r"config\.objective='all'"),
+      ("step_granularity", {"step_granularity": "layer"},
+       r"config\.step_granularity='layer'"),
+  )
+  def test_validate_rejects(self, overrides, message):
+    with self.assertRaisesRegex(ValueError, message):
+      checks.validate(self.config(**overrides), self.one_device,
+                      self.workdir("never"), phase="all")
+    self.assertFalse(os.path.exists(self.workdir("never")))
+
+  def test_validate_rejects_unknown_field_and_indivisible_batch(self):
+    config = self.config()
+    config.learning_rat = 0.1
+    with self.assertRaisesRegex(ValueError, r"Unknown config field.*learning_rat"):
+      checks.validate(config, self.one_device, self.workdir("never"))
+    with self.assertRaisesRegex(ValueError, "not divisible by the 2 replicas"):
+      checks.validate(self.config(global_batch_size=15), self.mirrored,
+                      self.workdir("never"))
+    with self.assertRaisesRegex(
+        ValueError, "global_batch_size=63 is not divisible by the 2 replicas"):
+      checks.validate(self.config(global_batch_size=63), self.mirrored,
+                      self.workdir("never"))
+
+  def test_validate_rejects_unusable_workdirs(self):
+    a_file = os.path.join(self.root, "a_file")
+    open(a_file, "w").close()
+    with self.assertRaisesRegex(ValueError, "is a file"):
+      checks.validate(self.config(), self.one_device, a_file)
+    with self.assertRaisesRegex(ValueError, "cannot be created"):
+      checks.validate(self.config(), self.one_device,
+                        os.path.join(a_file, "run"))
+    with self.assertRaisesRegex(ValueError, "not writable"):
+      checks.validate(self.config(), self.one_device, "/proc/opq_run")
+    # Root may write anywhere but on a read-only file system.
+    with self.assertRaisesRegex(
+        ValueError, "workdir '/proc/opq_trainers_test' is not writable"):
+      checks.validate(self.config(), self.one_device, "/proc/opq_trainers_test")
+
+  def test_validate_rejects_a_plan_made_for_other_settings(self):
+    workdir = self.workdir("other_plan")
+    os.makedirs(workdir)
+    model = models.build("small_resnet", 10, 32)
+    plan = allocation.allocate(model, 0.5, 3)
+    with open(os.path.join(workdir, training.PLAN_FILE), "w") as f:
+      f.write(plan.to_json())
+    config = self.config(pretrained=self.fp32_weights)
+    with self.assertRaisesRegex(ValueError, "plan.json was computed for"):
+      checks.validate(config, self.one_device, workdir, phase="compress")
+
+  def test_validate_needs_fp32_weights_to_compress(self):
+    with self.assertRaisesRegex(ValueError, "No FP32 weights"):
+      checks.validate(self.config(), self.one_device, self.workdir("never"),
+                      phase="compress")
+
+  def test_validate_rejects_mismatched_pretrained_weights(self):
+    path = os.path.join(self.root, "seven_classes.h5")
+    models.build("small_resnet", 7, 32).save_weights(path)
+    with self.assertRaisesRegex(ValueError, r"'logits'.*\(128, 7\).*\(128, 10\)"):
+      checks.validate(self.config(pretrained=path), self.one_device,
+                      self.workdir("never"))
+    with self.assertRaisesRegex(
+        ValueError, r"layer 'logits' weight 'logits/kernel.*\(128, 7\).*\(128, 10\)"):
+      checks.validate(self.config(pretrained=path), self.one_device,
+                      self.workdir("never"), phase="compress")
+
+
+if __name__ == "__main__":
+  absltest.main()
