@@ -415,12 +415,16 @@ def _batch_statistics_call(layer, records: list) -> Callable:
 
 
 @contextlib.contextmanager
-def _batch_statistics_mode(bn_layers):
-  """Every BatchNorm in `bn_layers` normalises by batch statistics inside."""
+def _batch_statistics_mode(bn_layers, records: Optional[list] = None):
+  """Every BatchNorm in `bn_layers` normalises by batch statistics inside.
+
+  Traced calls append (layer, mean, variance, batch size) to `records`.
+  """
+  records = [] if records is None else records
   originals = {layer: layer.__dict__.get("call") for layer in bn_layers}
   try:
     for layer in bn_layers:
-      layer.call = _batch_statistics_call(layer, [])
+      layer.call = _batch_statistics_call(layer, records)
     yield
   finally:
     for layer, original in originals.items():
@@ -434,19 +438,18 @@ def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
   """Sets every BatchNorm's moving statistics to its batch-size-weighted mean
   of per-batch statistics; returns the names of the layers it reached."""
   records = []
-  originals = {layer: layer.__dict__.get("call") for layer in bn_layers}
   input_spec = tf.TensorSpec((None,) + batches[0].shape[1:], batches[0].dtype)
 
-  @tf.function(input_signature=[input_spec])
+  # No autograph: plain Python that traces as it is (autograph also warns
+  # that it cannot convert the closure).
+  @tf.function(input_signature=[input_spec], autograph=False)
   def batch_statistics(images):
     records.clear()
     model(images, training=False)
     return [(means, variances, weight) for _, means, variances, weight
             in records]
 
-  try:
-    for layer in bn_layers:
-      layer.call = _batch_statistics_call(layer, records)
+  with _batch_statistics_mode(bn_layers, records):
     concrete = batch_statistics.get_concrete_function()
     order = [layer for layer, *_ in records]
     sums = None
@@ -462,12 +465,6 @@ def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
           total[0] += weight * mean
           total[1] += weight * var
           total[2] += weight
-  finally:
-    for layer, original in originals.items():
-      if original is None:
-        del layer.call
-      else:
-        layer.call = original
   # A layer called more than once (shared) averages over all its calls.
   totals = {}
   for layer, (mean_sum, var_sum, weight) in zip(order, sums):
@@ -503,7 +500,7 @@ def _reconstruct_kernel(model, kernel: _Kernel, kernels: list[_Kernel],
   # (meant for accidental retracing) quiet.
   inputs_of = tf.function(
       lambda images: tf.cast(prefix(images, training=False), tf.float32),
-      input_signature=[image_spec]).get_concrete_function()
+      input_signature=[image_spec], autograph=False).get_concrete_function()
   statistics_of = tf.function(
       hessian_fn, input_signature=[input_spec]).get_concrete_function()
   patch_width = int(np.prod(kernel.target.shape[:-1]))
