@@ -80,6 +80,8 @@ _RECONSTRUCT = flags.DEFINE_string(
     "reconstruct", "all", "Rows (method/granularity, comma-separated) that "
     "also get batchnorm+reconstruct, or 'all'; reconstruction costs minutes "
     "per row on 2 cores.")
+_RESUME = flags.DEFINE_bool("resume", False, "Keep the rows already in the "
+                            "results JSON and run only the missing ones.")
 _OUT = flags.DEFINE_string("out", os.path.join(_ROOT, "docs"),
                            "Where the results files go.")
 
@@ -182,7 +184,13 @@ def _check_against_tfmot(kept: np.ndarray, step: np.ndarray, bits: int,
   weights = quantizer.build(kept.shape, "bench", layer)
   theirs = quantizer(tf.constant(kept), training=True, weights=weights).numpy()
   ours = grid.compress(kept, step, bits, np.ones(kept.shape, bool))
-  if not np.allclose(theirs, ours, atol=1e-6 * float(np.abs(kept).max())):
+  # fake_quant computes in float32 with a nudged range, so a value on a
+  # rounding boundary may land one level away; anything more is a real
+  # disagreement.
+  difference = np.abs(theirs - ours)
+  off = difference > 1e-6 * float(np.abs(kept).max())
+  if off.mean() > 1e-3 or np.any(difference > 1.01 * np.broadcast_to(
+      step, kept.shape) + 1e-12):
     raise AssertionError("tfmot's LastValueQuantizer disagrees with the "
                          "baseline's steps")
 
@@ -314,8 +322,14 @@ def main(argv: Sequence[str]) -> None:
       "calibration_images": len(images.calibration),
       "evaluation_images": len(images.evaluation),
   }
+  if _RESUME.value and os.path.exists(results_path):
+    rows = files.read_json(results_path)["rows"]
+  done = {(r["pruning_rate"], r["bits"], r["method"], r["granularity"])
+          for r in rows}
   chosen = set(_RECONSTRUCT.value.split(","))
   for p, b, method, granularity in jobs:
+    if (p, b, method, granularity) in done:
+      continue
     calibrations = [c for c in CALIBRATIONS if not c.endswith("reconstruct")
                     or "all" in chosen or f"{method}/{granularity}" in chosen]
     rows += run_row(model, images, method, p, b, granularity, calibrations)

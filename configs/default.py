@@ -22,9 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model and data. Images are RGB in [0, 255]; models normalise themselves.
-  config.model = "small_resnet"  # resnet50 | mobilenet_v1 | alexnet | small_resnet
+  # resnet50 | mobilenet_v1 | alexnet | small_resnet, or a user's model:
+  # "applications.<Constructor>" (tf_keras.applications) or "saved:<path>".
+  config.model = "small_resnet"
   config.num_classes = 10
   config.image_size = 32
+  # A user model's constructor options as a JSON object, e.g. '{"alpha": 0.75}'.
+  config.model_options = "{}"
+  # The input scaling that model was trained with: none (it takes 0..255, as
+  # the built-ins do) | tf | torch | caffe (preprocess_input's modes).
+  config.preprocessing = "none"
   # TFDS data_dir; "" = <workdir>/tfds here (TFDS's default for ImageNet).
   config.data_dir = ""
   # ILSVRC-2012 tars; "" = <workdir>/manual, built from the digits, here.

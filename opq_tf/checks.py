@@ -32,7 +32,7 @@ from opq_tf import imagenet_manual
 from opq_tf import models
 from opq_tf import pretrained
 from opq_tf import training
-from opq_tf._keras import tf
+from opq_tf._keras import keras, tf
 
 PHASES = ("fp32", "compress", "all")
 # Old field name -> new one: an old command line gets told the new spelling.
@@ -60,10 +60,70 @@ def _bits(value: Any) -> bool:
   return True
 
 
+def _json_object(value: Any) -> bool:
+  try:
+    models.parse_model_options(value)
+  except ValueError:
+    return False
+  return isinstance(value, str)
+
+
+def build_model(config: ml_collections.ConfigDict) -> keras.Model:
+  """`models.build` for a config, with its model_options and preprocessing."""
+  return models.build(config.model, config.num_classes, config.image_size,
+                      model_options=config.get("model_options", "{}"),
+                      preprocessing=config.get("preprocessing", "none"))
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """config.model, model_options and preprocessing fit together; cheap.
+
+  The constructor must exist, the options parse as a JSON object and are
+  only given to an applications model, the saved model's path exists, and
+  the preprocessing is known (and "none" for a built-in, which normalises
+  itself). Whether the options suit the constructor, and a saved model the
+  image size and classes, is seen when validate builds the model.
+  """
+  options_text = config.get("model_options", "{}")
+  preprocessing = config.get("preprocessing", "none")
+  fix = ("Fix it in the config file or with --config.model=, "
+         "--config.model_options=, --config.preprocessing=.")
+  values = {"model": config.model, "model_options": options_text,
+            "preprocessing": preprocessing}
+  for field, check in (("model", models.check_model_name),
+                       ("model_options", models.parse_model_options),
+                       ("preprocessing", models.check_preprocessing)):
+    value = values[field]
+    try:
+      check(value)
+    except ValueError as error:
+      raise ValueError(
+          f"config.{field}={value!r} is invalid: {error} {fix}") from error
+  options = models.parse_model_options(options_text)
+  if config.model in models.NAMES and (options or preprocessing != "none"):
+    raise ValueError(
+        f"config.model={config.model!r} is a built-in model: it normalises its "
+        f"own input and takes no options; set --config.model_options='{{}}' "
+        "and --config.preprocessing=none (or use 'applications.<Constructor>').")
+  if options and not config.model.startswith(models.APPLICATIONS_PREFIX):
+    raise ValueError(
+        f"config.model_options={options_text!r} only apply to "
+        f"'applications.<Constructor>' models, not {config.model!r}; set "
+        "--config.model_options='{}'.")
+
+
 # field -> (check, what it must be), for fields that need more than the type
 # of their configs/default.py value.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model": (lambda v: v in models.NAMES, f"one of {models.NAMES}"),
+    # What the name points at (constructor, path) is checked by check_model.
+    "model": (lambda v: isinstance(v, str) and bool(v),
+              f"one of {models.NAMES}, 'applications.<Constructor>' or "
+              "'saved:<path>'"),
+    "model_options": (_json_object,
+                      "a JSON object of constructor options, e.g. "
+                      "'{\"alpha\": 0.75}' ('{}' for none)"),
+    "preprocessing": (lambda v: v in models.PREPROCESSINGS,
+                      f"one of {models.PREPROCESSINGS}"),
     "num_classes": _int_at_least(2),
     "image_size": _int_at_least(8),
     "global_batch_size": _int_at_least(1),
@@ -144,7 +204,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"config.{field}={value!r} is invalid: it must be {must_be}. Fix it "
           f"in the config file or with --config.{field}=<value>.")
-  least = models.MIN_IMAGE_SIZE[config.model]
+  check_model(config)
+  least = models.min_image_size(config.model)
   if config.image_size < least:
     raise ValueError(
         f"config.image_size={config.image_size} is too small for "
@@ -243,8 +304,8 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
   positive learning rates, ...), that the global and eval batches divide
   into the strategy's replicas, that XLA can compile the model on them, that
   the workdir is writable, the ILSVRC manual_dir (or a prepared data_dir),
-  that the pre-trained weights load into the model (shapes), and that an
-  existing workdir/plan.json matches the config.
+  that a user model builds and the pre-trained weights load into the model
+  (shapes), and that an existing workdir/plan.json matches the config.
 
   Args:
     config: a ConfigDict from configs/.
@@ -287,7 +348,8 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
     pretrained.check_imagenet_weights(config.model, config.num_classes,
                                       config.image_size)
   elif config.pretrained:
-    model = models.build(config.model, config.num_classes, config.image_size)
-    pretrained.load(model, config.pretrained)
+    pretrained.load(build_model(config), config.pretrained)
+  elif config.model not in models.NAMES:
+    build_model(config)  # The options suit the constructor, the model fits.
   if phase != "fp32":
     check_plan_file(config, workdir)

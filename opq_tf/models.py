@@ -1,7 +1,7 @@
 """The networks OPQ is run on, all taking float32 RGB images in [0, 255].
 
     model = models.build("resnet50", num_classes=1000, image_size=224)
-    models.load_pretrained(model, "/ckpt/resnet50.weights.h5")   # or "imagenet"
+    pretrained.load(model, "/ckpt/resnet50.weights.h5")   # opq_tf/pretrained.py
 
 Every model starts with its own input normalisation, so the data pipeline,
 the trainer and the exported serving signature all feed raw pixels:
@@ -14,24 +14,55 @@ the trainer and the exported serving signature all feed raw pixels:
 | small_resnet | x / 255                                     | `small_resnet_backbone` below  |
 
 The normalisations are the ones the Keras / torchvision ImageNet weights were
-trained with, so `load_pretrained(model, "imagenet")` gives a working model.
+trained with, so `pretrained.load(model, "imagenet")` gives a working model.
 Keras' backbones stay nested Functional submodels (`opq_tf.apply` inlines
 them); every model outputs logits (no softmax).
 
 Layer names are fixed (no Keras auto-numbering) so that weight files,
 compression plans and packed files match across processes.
+
+Any other tf_keras network goes through the same door (issue 8 §6), so the
+trainers take the user's real model, not only these four:
+
+    models.build("applications.MobileNet", 1000, 224,
+                 model_options='{"alpha": 0.75}', preprocessing="tf")
+    models.build("saved:/ckpt/my_model.keras", 10, 32, preprocessing="torch")
+
+"applications.<Constructor>" calls that `tf_keras.applications` constructor
+with `model_options` (a JSON object) plus weights=None, classes=num_classes,
+input_shape=(image_size, image_size, 3) and, where it has one,
+classifier_activation=None (logits). "saved:<path>" (or just an existing
+path: a .keras / full-model .h5 file or a SavedModel directory) loads a full
+tf_keras model with its weights. Either becomes a nested submodel behind
+`preprocessing`, the input scaling it was trained with, as layers (see
+PREPROCESSINGS), so that the pipeline still feeds 0..255 pixels and the
+export still takes JPEG bytes.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
-from typing import Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 
 from opq_tf._keras import keras, tf
 
 NAMES = ("resnet50", "mobilenet_v1", "alexnet", "small_resnet")
+APPLICATIONS_PREFIX = "applications."
+SAVED_PREFIX = "saved:"
+# A user model's input scaling, as keras.applications.imagenet_utils
+# .preprocess_input's modes: "none" = it takes 0..255 itself (the built-ins),
+# "tf" = x / 127.5 - 1, "torch" = (x / 255 - mean) / std, "caffe" = RGB->BGR
+# minus the ImageNet mean.
+PREPROCESSINGS = ("none", "tf", "torch", "caffe")
+# Keyword arguments build() sets itself for an applications constructor.
+_OWN_OPTIONS = ("weights", "classes", "input_shape", "input_tensor")
+# The smallest side `build` lets through for a user model; the model itself
+# may need more (keras.applications then names its own minimum).
+_MIN_USER_IMAGE_SIZE = 8
 
 # ImageNet channel statistics in [0, 255] units.
 _IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # torchvision: 255 * (0.485, ...)
@@ -52,11 +83,100 @@ class ReverseChannels(keras.layers.Layer):
     return tf.reverse(inputs, axis=[-1])
 
 
+def min_image_size(name: str) -> int:
+  """Smallest image_size `build(name, ...)` accepts (its own check for a user model)."""
+  return MIN_IMAGE_SIZE.get(name, _MIN_USER_IMAGE_SIZE)
+
+
+def saved_model_path(name: str) -> str | None:
+  """The path of a saved-model `name` ("saved:<path>" or an existing path), else None.
+
+  A bare path counts only if it exists and looks like a full model (a .keras
+  or .h5 file, or a directory with saved_model.pb), so that a typo in a
+  built-in or applications name is reported as such, not as a missing file.
+  """
+  if name.startswith(SAVED_PREFIX):
+    return os.path.expanduser(name[len(SAVED_PREFIX):])
+  path = os.path.expanduser(name)
+  if os.path.isfile(path) and path.endswith((".keras", ".h5", ".hdf5")):
+    return path
+  if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    return path
+  return None
+
+
+def check_model_name(name: str) -> None:
+  """Raises ValueError naming the fix unless `name` names a buildable model.
+
+  Cheap (no model is built or loaded): a built-in name, an existing
+  `tf_keras.applications` constructor, or an existing saved-model path.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"Unknown model {name!r}; " + _NAME_HELP)
+  if name in NAMES:
+    return
+  if name.startswith(APPLICATIONS_PREFIX):
+    constructor = name[len(APPLICATIONS_PREFIX):]
+    if not callable(getattr(keras.applications, constructor, None)) or (
+        not constructor[:1].isupper()):
+      known = sorted(n for n in dir(keras.applications)
+                     if n[:1].isupper() and callable(getattr(keras.applications, n)))
+      raise ValueError(
+          f"Unknown model {name!r}: tf_keras.applications has no constructor "
+          f"{constructor!r}; use one of applications.{{{', '.join(known)}}}.")
+    return
+  path = saved_model_path(name)
+  if path is None:
+    raise ValueError(f"Unknown model {name!r}; " + _NAME_HELP)
+  if not os.path.exists(path):
+    raise ValueError(
+        f"Model {name!r}: {path!r} does not exist; pass an existing full "
+        "tf_keras model (.keras, full-model .h5 or a SavedModel directory) as "
+        "--config.model=saved:<path>.")
+
+
+_NAME_HELP = (
+    f"use one of {NAMES}, 'applications.<Constructor>' (a tf_keras.applications "
+    "constructor, e.g. applications.MobileNet, with --config.model_options="
+    "'{\"alpha\": 0.75}'), or 'saved:<path>' (a full tf_keras model: .keras, "
+    "full-model .h5 or SavedModel directory).")
+
+
+def parse_model_options(model_options: str | dict) -> dict[str, Any]:
+  """The keyword arguments of a JSON object string; ValueError naming the fix."""
+  if isinstance(model_options, dict):
+    return dict(model_options)
+  try:
+    options = json.loads(model_options or "{}")
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        f"model_options {model_options!r} is not valid JSON ({error}); pass a "
+        "JSON object, e.g. --config.model_options='{\"alpha\": 0.75}'.") from error
+  if not isinstance(options, dict):
+    raise ValueError(
+        f"model_options {model_options!r} is not a JSON object; pass keyword "
+        "arguments of the constructor, e.g. '{\"alpha\": 0.75}'.")
+  own = sorted(set(options) & set(_OWN_OPTIONS))
+  if own:
+    raise ValueError(
+        f"model_options sets {own}, which build() sets itself (weights=None, "
+        "classes=num_classes, input_shape=(image_size, image_size, 3)); "
+        "remove them (pretrained weights go in --config.pretrained).")
+  return options
+
+
+def check_preprocessing(preprocessing: str) -> None:
+  if preprocessing not in PREPROCESSINGS:
+    raise ValueError(
+        f"Unknown preprocessing {preprocessing!r}; use one of {PREPROCESSINGS} "
+        "(the input scaling the model was trained with, as keras.applications"
+        ".imagenet_utils.preprocess_input's modes; 'none' = it takes 0..255).")
+
+
 def _check_build_args(name: str, num_classes: int, image_size: int) -> None:
-  if name not in NAMES:
-    raise ValueError(f"Unknown model {name!r}; use one of {NAMES}.")
+  check_model_name(name)
   for what, value, least in (("num_classes", num_classes, 2),
-                             ("image_size", image_size, MIN_IMAGE_SIZE[name])):
+                             ("image_size", image_size, min_image_size(name))):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise TypeError(f"{what} must be an integer, got {value!r}.")
     if value < least:
@@ -64,21 +184,128 @@ def _check_build_args(name: str, num_classes: int, image_size: int) -> None:
           f"{what}={value} is too small for {name}; it needs at least {least}.")
 
 
-def build(name: str, num_classes: int, image_size: int) -> keras.Model:
+def build(name: str, num_classes: int, image_size: int, *,
+          model_options: str | dict = "{}",
+          preprocessing: str = "none") -> keras.Model:
   """Returns the named model for `image_size`^2 RGB inputs and `num_classes` logits.
 
   Args:
-    name: one of NAMES.
+    name: one of NAMES, "applications.<Constructor>" or "saved:<path>" (or an
+      existing .keras / .h5 / SavedModel path); see the module docstring.
     num_classes: number of output logits.
-    image_size: input height = width (at least MIN_IMAGE_SIZE[name]).
+    image_size: input height = width (at least min_image_size(name)).
+    model_options: JSON object (or dict) of keyword arguments for an
+      applications constructor, e.g. '{"alpha": 0.75}'; must be empty
+      otherwise.
+    preprocessing: the input scaling a user model expects (PREPROCESSINGS);
+      must be "none" for the built-ins, which normalise themselves.
 
   Returns:
-    A built Functional tf_keras model named `name`, input float32
+    A built Functional tf_keras model, input float32
     [batch, image_size, image_size, 3] in [0, 255], output float32 logits
-    [batch, num_classes]. Weights are freshly initialised (weights=None).
+    [batch, num_classes]. Built-ins and applications are freshly initialised
+    (weights=None; load weights with opq_tf.pretrained); a saved model keeps
+    its weights.
   """
   _check_build_args(name, num_classes, image_size)
-  return _BUILDERS[name](int(num_classes), int(image_size))
+  check_preprocessing(preprocessing)
+  options = parse_model_options(model_options)
+  if name in NAMES:
+    if options or preprocessing != "none":
+      raise ValueError(
+          f"{name} is a built-in model: it normalises its own input and takes "
+          f"no options, but got model_options={options} and preprocessing="
+          f"{preprocessing!r}; leave them at '{{}}' and 'none'.")
+    return _BUILDERS[name](int(num_classes), int(image_size))
+  if name.startswith(APPLICATIONS_PREFIX):
+    user_model = _application(name[len(APPLICATIONS_PREFIX):], options,
+                              int(num_classes), int(image_size))
+  else:
+    if options:
+      raise ValueError(
+          f"model_options={options} only apply to 'applications.<Constructor>' "
+          f"models, not to the saved model {name!r}; leave them at '{{}}'.")
+    user_model = _saved_model(saved_model_path(name), int(num_classes),
+                              int(image_size))
+  inputs = _inputs(int(image_size))
+  x = preprocessing_layers(inputs, preprocessing)
+  return keras.Model(inputs, user_model(x), name=f"{user_model.name}_opq_input")
+
+
+def preprocessing_layers(x, preprocessing: str):
+  """0..255 RGB `x` -> what a model trained with `preprocessing` expects.
+
+  The same layers (and names) as the built-ins, so that weights files saved
+  by the trainers match; all are constants, not trained.
+  """
+  check_preprocessing(preprocessing)
+  if preprocessing == "tf":
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0,
+                                  name="to_unit_range")(x)
+  if preprocessing == "torch":
+    return keras.layers.Normalization(
+        mean=_IMAGENET_MEAN_RGB, variance=np.square(_IMAGENET_STD_RGB),
+        name="torch_normalize")(x)
+  if preprocessing == "caffe":
+    x = ReverseChannels(name="rgb_to_bgr")(x)
+    return keras.layers.Normalization(
+        mean=_CAFFE_MEAN_BGR, variance=(1.0, 1.0, 1.0), name="caffe_mean")(x)
+  return x
+
+
+def _application(constructor: str, options: dict[str, Any], num_classes: int,
+                 image_size: int) -> keras.Model:
+  """tf_keras.applications.<constructor>(**options), untrained, logits out."""
+  function = getattr(keras.applications, constructor)
+  kwargs = dict(options, weights=None, classes=num_classes,
+                input_shape=(image_size, image_size, 3))
+  if "classifier_activation" in inspect.signature(function).parameters:
+    kwargs.setdefault("classifier_activation", None)
+  try:
+    return function(**kwargs)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+        f"tf_keras.applications.{constructor} refused model_options={options} "
+        f"at image_size={image_size}, num_classes={num_classes}: {error} Fix "
+        "--config.model_options (or the image size).") from error
+
+
+def _saved_model(path: str, num_classes: int, image_size: int) -> keras.Model:
+  """A full tf_keras model from `path`, checked to fit image_size and num_classes."""
+  if not os.path.exists(path):
+    raise ValueError(
+        f"Saved model {path!r} does not exist; pass an existing .keras, "
+        "full-model .h5 or SavedModel directory as --config.model=saved:<path>.")
+  try:
+    model = keras.models.load_model(path, compile=False)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(
+        f"{path!r} is not a full tf_keras model ({error}); save the whole "
+        "model with model.save('model.keras') (a weights-only file goes in "
+        "--config.pretrained with a built-in or applications model).") from error
+  if not isinstance(model, keras.Model) or not hasattr(model, "input_shape"):
+    raise ValueError(f"{path!r} did not load as a tf_keras Model; save it with "
+                     "tf_keras' model.save().")
+  wanted_input = (image_size, image_size, 3)
+  input_shape = tuple(model.input_shape[1:])
+  if len(input_shape) != 3 or any(
+      have is not None and have != want
+      for have, want in zip(input_shape, wanted_input)):
+    raise ValueError(
+        f"Saved model {path!r} takes inputs {input_shape}, not {wanted_input}; "
+        f"set --config.image_size to its size.")
+  if model.output_shape[-1] != num_classes:
+    raise ValueError(
+        f"Saved model {path!r} has {model.output_shape[-1]} outputs, not "
+        f"num_classes={num_classes}; set --config.num_classes="
+        f"{model.output_shape[-1]}.")
+  last = model.layers[-1]
+  if getattr(getattr(last, "activation", None), "__name__", "") == "softmax":
+    raise ValueError(
+        f"Saved model {path!r} ends in a softmax ({last.name!r}), but the "
+        "trainers need logits; save it with the last layer's activation "
+        "removed (e.g. classifier_activation=None).")
+  return model
 
 
 def _inputs(image_size: int) -> keras.layers.Layer:
@@ -195,250 +422,3 @@ _BUILDERS: dict[str, Callable[[int, int], keras.Model]] = {
     "alexnet": _alexnet,
     "small_resnet": _small_resnet,
 }
-
-# Keras' own ImageNet weights (downloaded by Keras on first use).
-_KERAS_APPLICATIONS = {
-    "resnet50": lambda: keras.applications.ResNet50(weights="imagenet"),
-    "mobilenet_v1": lambda: keras.applications.MobileNet(weights="imagenet"),
-}
-
-
-# --------------------------------------------------------------------------
-# Pre-trained weights.
-
-
-def _leaf_layers(model: keras.Model) -> dict[str, keras.layers.Layer]:
-  """Layer name -> layer for every non-model layer with weights, nested too."""
-  leaves = {}
-  for layer in model.layers:
-    if isinstance(layer, keras.Model):
-      leaves.update(_leaf_layers(layer))
-    elif layer.weights:
-      leaves[layer.name] = layer
-  return leaves
-
-
-def _mismatch(source: str, mismatches: list) -> ValueError:
-  """mismatches: [(layer name, weight name, shape in source, shape in model)]."""
-  listed = "; ".join(
-      f"layer {layer!r} weight {weight!r} has shape {tuple(source_shape)} there "
-      f"but {tuple(model_shape)} in the model"
-      for layer, weight, source_shape, model_shape in mismatches[:5])
-  more = f" (and {len(mismatches) - 5} more)" if len(mismatches) > 5 else ""
-  return ValueError(
-      f"Pre-trained weights {source!r} do not fit the model: {listed}{more}. "
-      "Pass weights trained for this model, num_classes and architecture (or "
-      "change the config to match).")
-
-
-def _copy_from_model(source_model: keras.Model, model: keras.Model,
-                     source: str) -> None:
-  """Copies every leaf layer's weights by layer name, checking all shapes first."""
-  sources, targets = _leaf_layers(source_model), _leaf_layers(model)
-  missing = sorted(set(targets) - set(sources))
-  if missing:
-    raise ValueError(
-        f"Pre-trained weights {source!r} have no layers named {missing[:5]}"
-        f"{' ...' if len(missing) > 5 else ''}; pass weights of the same "
-        "architecture (layer names must match).")
-  mismatches = []
-  for name, layer in targets.items():
-    src_weights, dst_weights = sources[name].weights, layer.weights
-    if len(src_weights) != len(dst_weights):
-      raise ValueError(
-          f"Pre-trained weights {source!r}: layer {name!r} has "
-          f"{len(src_weights)} weights there but {len(dst_weights)} in the "
-          "model; pass weights of the same architecture.")
-    mismatches.extend((name, dst.name, src.shape, dst.shape)
-                      for src, dst in zip(src_weights, dst_weights)
-                      if tuple(src.shape) != tuple(dst.shape))
-  if mismatches:
-    raise _mismatch(source, mismatches)
-  for name, layer in targets.items():
-    layer.set_weights(sources[name].get_weights())
-
-
-def _h5_weight_shapes(path: str) -> dict[str, list[tuple[str, tuple]]]:
-  """Top-level layer name -> [(weight name, shape)] of a Keras 2 HDF5 file."""
-  import h5py  # pylint: disable=g-import-not-at-top
-
-  def text(value):
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-  with h5py.File(path, "r") as f:
-    group = f["model_weights"] if "model_weights" in f else f
-    if "layer_names" not in group.attrs:
-      raise ValueError(
-          f"{path!r} is not a tf_keras (Keras 2) HDF5 weights file (no "
-          "'layer_names'); save it with model.save_weights('x.weights.h5') "
-          "from tf_keras.")
-    shapes = {}
-    for layer_name in map(text, group.attrs["layer_names"]):
-      names = map(text, group[layer_name].attrs.get("weight_names", []))
-      shapes[layer_name] = [(n, tuple(group[layer_name][n].shape)) for n in names]
-    return shapes
-
-
-def _load_h5(model: keras.Model, path: str) -> None:
-  shapes = _h5_weight_shapes(path)
-  mismatches = []
-  for layer in model.layers:
-    weights = layer.trainable_weights + layer.non_trainable_weights
-    if not weights:
-      continue
-    if layer.name not in shapes:
-      raise ValueError(
-          f"Pre-trained weights {path!r} have no layer {layer.name!r} (it has "
-          f"{sorted(shapes)[:8]}); pass weights of the same architecture.")
-    stored = shapes[layer.name]
-    if len(stored) != len(weights):
-      raise ValueError(
-          f"Pre-trained weights {path!r}: layer {layer.name!r} has "
-          f"{len(stored)} weights there but {len(weights)} in the model; pass "
-          "weights of the same architecture.")
-    for (stored_name, stored_shape), weight in zip(stored, weights):
-      if stored_shape != tuple(weight.shape):
-        leaf = stored_name.rsplit("/", 1)[0] if "/" in stored_name else layer.name
-        mismatches.append((leaf, weight.name, stored_shape, weight.shape))
-  if mismatches:
-    raise _mismatch(path, mismatches)
-  model.load_weights(path, by_name=True)
-
-
-def _load_keras_v3(model: keras.Model, path: str) -> None:
-  """A `.weights.h5` file (tf_keras' v3 format, matched by model structure).
-
-  It is loaded into a scratch copy first, so a mismatch leaves `model` as it
-  was; Keras' message names the variable (layer/weight) and both shapes.
-  """
-  scratch = keras.models.clone_model(model)
-  try:
-    scratch.load_weights(path)
-  except (ValueError, KeyError) as error:
-    raise ValueError(
-        f"Pre-trained weights {path!r} do not fit the model {model.name!r}: "
-        f"{error} Pass weights trained for this model, num_classes and "
-        "architecture (or change the config to match).") from error
-  model.set_weights(scratch.get_weights())
-
-
-def _resolve(root, key: str):
-  """The object an object-based checkpoint key names, or None."""
-  node = root
-  for part in key.split("/.ATTRIBUTES/")[0].split("/"):
-    children = node._trackable_children()  # pylint: disable=protected-access
-    if part not in children:
-      return None
-    node = children[part]
-  return node
-
-
-def _load_checkpoint(model: keras.Model, prefix: str) -> None:
-  """Loads a TF checkpoint of `model` (save_weights) or of Checkpoint(model=)."""
-  shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-  nested = any(key.startswith("model/") for key in shapes)
-  root = tf.train.Checkpoint(model=model) if nested else model
-  found, mismatches = {}, {}
-  for key, shape in shapes.items():
-    if not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
-      continue
-    if nested and not key.startswith("model/"):
-      continue
-    variable = _resolve(root, key)
-    if not isinstance(variable, tf.Variable):
-      continue
-    found[id(variable)] = tuple(shape)
-  for weight in model.weights:
-    if id(weight) in found and found[id(weight)] != tuple(weight.shape):
-      name = weight.name.rsplit(":", 1)[0]
-      mismatches[name] = (name.rsplit("/", 1)[0], name, found[id(weight)],
-                          weight.shape)
-  if mismatches:
-    raise _mismatch(prefix, list(mismatches.values()))
-  missing = [w.name for w in model.weights if id(w) not in found]
-  if missing:
-    raise ValueError(
-        f"Checkpoint {prefix!r} has no value for {len(missing)} model weights "
-        f"(e.g. {missing[:3]}); pass a checkpoint of this architecture (a "
-        "compressed model's finetuning checkpoint does not fit the FP32 model).")
-  if nested:
-    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-  else:
-    model.load_weights(prefix).expect_partial()
-
-
-def check_imagenet_weights(name: str, num_classes: int, image_size: int) -> None:
-  """Raises ValueError unless Keras has ImageNet weights for this model."""
-  if name not in _KERAS_APPLICATIONS:
-    raise ValueError(
-        f"Keras has no ImageNet weights for {name!r} (only for "
-        f"{sorted(_KERAS_APPLICATIONS)}); pass a weights file as --pretrained.")
-  if (image_size, num_classes) != (224, 1000):
-    raise ValueError(
-        f"Keras' ImageNet weights for {name} need image_size 224 and 1000 "
-        f"classes, not {image_size} and {num_classes}; set "
-        "--config.image_size=224 --config.num_classes=1000.")
-
-
-def load_pretrained(model: keras.Model, path_or_imagenet: Union[str, os.PathLike]
-                    ) -> keras.Model:
-  """Fills `model` (from `build`) with pre-trained FP32 weights, in place.
-
-  Every shape is checked before any weight is written.
-
-  Args:
-    model: a model from `build`.
-    path_or_imagenet: one of
-      - a tf_keras HDF5 weights file: `.h5` / `.hdf5` (legacy format, also a
-        whole model saved as `.h5`), matched by top-level layer name, or
-        `.weights.h5` (Keras v3 format), matched by model structure;
-      - a TF checkpoint prefix or a directory with a `checkpoint` file, from
-        `model.save_weights(prefix)` or `tf.train.Checkpoint(model=model)`;
-      - a Keras SavedModel directory, matched by (nested) layer name;
-      - "imagenet": Keras' own ImageNet weights (resnet50 and mobilenet_v1 at
-        224x224 and 1000 classes; Keras downloads them, so this needs internet).
-
-  Returns:
-    `model`.
-
-  Raises:
-    ValueError: the source is missing or unreadable, or a weight shape does not
-      match (the message names the layer and both shapes).
-  """
-  source = os.fspath(path_or_imagenet)
-  if source == "imagenet":
-    check_imagenet_weights(model.name, model.output_shape[-1],
-                           model.input_shape[1])
-    _copy_from_model(_KERAS_APPLICATIONS[model.name](), model, "imagenet")
-    return model
-  if not os.path.exists(source) and not os.path.exists(source + ".index"):
-    raise ValueError(
-        f"Pre-trained weights {source!r} do not exist; pass an existing .h5 "
-        "file, checkpoint prefix or SavedModel directory, or 'imagenet'.")
-  if os.path.isdir(source):
-    if os.path.exists(os.path.join(source, "saved_model.pb")):
-      try:
-        loaded = keras.models.load_model(source, compile=False)
-      except Exception as error:  # pylint: disable=broad-except
-        raise ValueError(
-            f"{source!r} is a SavedModel but not a Keras one ({error}); pass "
-            "the FP32 weights as .h5 or a checkpoint instead.") from error
-      _copy_from_model(loaded, model, source)
-      return model
-    prefix = tf.train.latest_checkpoint(source)
-    if prefix is None:
-      raise ValueError(
-          f"Directory {source!r} holds neither a SavedModel nor a TF checkpoint; "
-          "pass a weights file, checkpoint prefix or SavedModel directory.")
-    _load_checkpoint(model, prefix)
-  elif source.endswith(".weights.h5"):
-    _load_keras_v3(model, source)
-  elif source.endswith((".h5", ".hdf5")):
-    _load_h5(model, source)
-  elif os.path.exists(source + ".index"):
-    _load_checkpoint(model, source)
-  else:
-    raise ValueError(
-        f"Cannot tell the format of {source!r}; name HDF5 files *.h5 (e.g. "
-        "model.weights.h5), or pass a checkpoint prefix or SavedModel directory.")
-  return model

@@ -516,7 +516,9 @@ def _build(config: ml_collections.ConfigDict,
            strategy: tf.distribute.Strategy) -> keras.Model:
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
-    return models.build(config.model, config.num_classes, config.image_size)
+    return models.build(config.model, config.num_classes, config.image_size,
+                        model_options=config.model_options,
+                        preprocessing=config.preprocessing)
 
 
 def train_fp32(config: ml_collections.ConfigDict, workdir: str,

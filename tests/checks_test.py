@@ -17,6 +17,7 @@ from opq_tf import distribute
 from opq_tf import grid
 from opq_tf import models
 from opq_tf import training
+from opq_tf._keras import keras
 import cpu_devices
 import digits_data
 
@@ -177,6 +178,78 @@ class ChecksTest(parameterized.TestCase):
         ValueError, r"layer 'logits' weight 'logits/kernel.*\(128, 7\).*\(128, 10\)"):
       checks.validate(self.config(pretrained=path), self.one_device,
                       self.workdir("never"), phase="compress")
+
+
+class UserModelChecksTest(parameterized.TestCase):
+  """config.model may name an applications constructor or a saved model."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp()
+    cls.one_device = distribute.make_strategy("one_device")
+    cls.manual_dir, cls.data_dir = digits_data.dirs()
+    cls.weights = os.path.join(cls.root, "mobilenet_025.h5")
+    # A by-name .h5 of the bare constructor, as the shared MobileNet weights.
+    keras.applications.MobileNet(
+        alpha=0.25, weights=None, input_shape=(32, 32, 3), classes=10,
+        classifier_activation=None).save_weights(cls.weights)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def config(self, **overrides):
+    config = default.get_config()
+    config.update(dict(
+        data_dir=self.data_dir, manual_dir=self.manual_dir,
+        model="applications.MobileNet", model_options='{"alpha": 0.25}',
+        preprocessing="tf", pretrained=self.weights, global_batch_size=16,
+        steps_per_epoch=4, num_epochs=1, warmup_epochs=0.0))
+    config.update(overrides)
+    return config
+
+  def test_an_applications_model_with_its_weights_passes(self):
+    checks.validate(self.config(), self.one_device,
+                    os.path.join(self.root, "never"), phase="compress")
+    self.assertFalse(os.path.exists(os.path.join(self.root, "never")))
+
+  @parameterized.named_parameters(
+      ("unknown_constructor", {"model": "applications.MobileNetV9"},
+       r"no constructor 'MobileNetV9'.*--config\.model="),
+      ("unknown_name", {"model": "vgg16"},
+       r"Unknown model 'vgg16'.*applications\.<Constructor>.*saved:<path>"),
+      ("missing_path", {"model": "saved:/nonexistent/model.keras"},
+       r"'/nonexistent/model\.keras' does not exist.*--config\.model=saved:"),
+      ("bad_json", {"model_options": "{alpha: 0.75}"},
+       r"config\.model_options='\{alpha: 0\.75\}' is invalid: it must be a "
+       r"JSON object"),
+      ("unknown_preprocessing", {"preprocessing": "inception"},
+       r"config\.preprocessing='inception' is invalid: it must be one of "
+       r"\('none', 'tf', 'torch', 'caffe'\)"),
+      ("options_on_builtin", {"model": "small_resnet", "pretrained": ""},
+       r"config\.model='small_resnet' is a built-in model.*"
+       r"--config\.model_options='\{\}' and --config\.preprocessing=none"),
+      ("options_on_saved", {"model": "saved:" + __file__, "preprocessing": "none"},
+       r"only apply to 'applications\.<Constructor>' models"),
+      ("option_the_constructor_refuses", {"model_options": '{"depth": 3}'},
+       r"refused model_options=\{'depth': 3\}"),
+      ("weights_of_another_alpha", {"model_options": '{"alpha": 0.5}'},
+       r"do not fit the model"),
+  )
+  def test_validate_rejects(self, overrides, message):
+    with self.assertRaisesRegex(ValueError, message):
+      checks.validate(self.config(**overrides), self.one_device,
+                      os.path.join(self.root, "never"), phase="compress")
+    self.assertFalse(os.path.exists(os.path.join(self.root, "never")))
+
+  def test_a_user_model_is_built_even_without_pretrained_weights(self):
+    config = self.config(model_options='{"depth": 3}', pretrained="",
+                         fp32_epochs=1, fp32_warmup_epochs=0.0)
+    with self.assertRaisesRegex(ValueError, r"refused model_options=\{'depth'"):
+      checks.validate(config, self.one_device,
+                      os.path.join(self.root, "never"), phase="fp32")
 
 
 if __name__ == "__main__":

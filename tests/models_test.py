@@ -1,4 +1,5 @@
-"""Tests for opq_tf.models: the four networks and loading pre-trained weights."""
+"""Tests for opq_tf.models: the four networks (weights: pretrained_test.py),
+and any user model: tf_keras.applications constructors and saved models."""
 
 import collections
 import os
@@ -11,13 +12,14 @@ import numpy as np
 
 from opq_tf import layers
 from opq_tf import models
-from opq_tf._keras import keras, tf
-from opq_tf.wrapping import apply, compressed_entries
+from opq_tf import pretrained
+from opq_tf._keras import keras
+from opq_tf.wrapping import apply, compressed_kernels
 
 
 def _kernel_kinds(model):
   return collections.Counter(
-      kind for kind, _ in layers.compressible_kernels(model).values())
+      kernel.kind for kernel in layers.compressible_kernels(model).values())
 
 
 def _images(size, n=2, seed=0):
@@ -46,7 +48,7 @@ class BuildTest(parameterized.TestCase):
     self.assertEqual(model.name, name)
     self.assertEqual(_kernel_kinds(model), kinds)
     kernels = layers.compressible_kernels(model).values()
-    self.assertEqual(sum(kernel.size for _, kernel in kernels), weights)
+    self.assertEqual(sum(kernel.values.size for kernel in kernels), weights)
     self.assertEqual(model.output_shape, (None, classes))
     self.assertEqual(model(_images(size)).shape, (2, classes))
 
@@ -97,91 +99,158 @@ class BuildTest(parameterized.TestCase):
     """opq_tf.apply compresses every kernel of the nested Keras backbone."""
     model = models.build("mobilenet_v1", 10, 32)
     qmodel = apply(model, pruning_rate=0.5, bits=4)
-    entries = compressed_entries(qmodel)
+    entries = compressed_kernels(qmodel)
     self.assertLen(entries, 28)
     self.assertEqual(sum(e.kind == "DepthwiseConv2D" for e in entries), 13)
     images = _images(32)
     self.assertEqual(qmodel(images).shape, (2, 10))
 
 
-class LoadPretrainedTest(parameterized.TestCase):
+def _preprocess_input(images, mode):
+  if mode == "none":
+    return images.copy()
+  return keras.applications.imagenet_utils.preprocess_input(images.copy(),
+                                                            mode=mode)
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = tempfile.mkdtemp()
-    cls.source = _small(seed=1)
-    cls.wrong = _small(num_classes=7, seed=2)
-    cls.paths, cls.wrong_paths = {}, {}
-    for kind in ("legacy_h5", "v3_weights_h5", "tf_prefix", "checkpoint",
-                 "saved_model"):
-      cls.paths[kind] = cls._save(cls.source, kind, "right")
-      cls.wrong_paths[kind] = cls._save(cls.wrong, kind, "wrong")
 
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
+def _tiny_user_model(size=16, num_classes=5, seed=0):
+  """A small full model with BatchNorm, as a user might save one (logits out)."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((size, size, 3))
+  x = keras.layers.Conv2D(8, 3, name="user_conv")(inputs)
+  x = keras.layers.BatchNormalization(name="user_bn")(x)
+  x = keras.layers.ReLU(name="user_relu")(x)
+  x = keras.layers.DepthwiseConv2D(3, name="user_dw")(x)
+  x = keras.layers.GlobalAveragePooling2D(name="user_pool")(x)
+  outputs = keras.layers.Dense(num_classes, name="user_logits")(x)
+  model = keras.Model(inputs, outputs, name="user_net")
+  # Non-trivial BatchNorm statistics, so that a lost weight would show.
+  model.get_layer("user_bn").set_weights(
+      [np.linspace(0.5, 1.5, 8), np.linspace(-1, 1, 8), np.linspace(-2, 2, 8),
+       np.linspace(1, 3, 8)])
+  return model
 
-  @classmethod
-  def _save(cls, model, kind, tag):
-    base = os.path.join(cls.root, f"{tag}_{kind}")
-    if kind == "legacy_h5":
-      model.save_weights(base + ".h5")
-      return base + ".h5"
-    if kind == "v3_weights_h5":
-      model.save_weights(base + ".weights.h5")
-      return base + ".weights.h5"
-    if kind == "tf_prefix":
-      model.save_weights(base)
-      return base
-    if kind == "checkpoint":  # as the trainers' checkpoints: root.model
-      return tf.train.Checkpoint(model=model).write(base)
-    model.save(base, save_format="tf")
-    return base
 
-  @parameterized.parameters("legacy_h5", "v3_weights_h5", "tf_prefix",
-                            "checkpoint", "saved_model")
-  def test_round_trip(self, kind):
-    model = _small(seed=3)
-    self.assertIs(models.load_pretrained(model, self.paths[kind]), model)
-    for expected, actual in zip(self.source.weights, model.weights):
-      np.testing.assert_array_equal(expected.numpy(), actual.numpy(),
-                                    err_msg=actual.name)
+class UserModelTest(parameterized.TestCase):
+  """config.model = "applications.<Constructor>" or a saved full model."""
+
+  def setUp(self):
+    super().setUp()
+    self.root = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+
+  @parameterized.parameters("none", "tf", "torch", "caffe")
+  def test_applications_constructor_with_options(self, preprocessing):
+    model = models.build("applications.MobileNet", 10, 32,
+                         model_options='{"alpha": 0.25}',
+                         preprocessing=preprocessing)
+    backbone = model.layers[-1]
+    self.assertEqual(backbone.name, "mobilenet_0.25_32")
+    self.assertEqual(backbone.get_layer("conv1").filters, 8)  # 32 * 0.25
+    self.assertEqual(model.input_shape, (None, 32, 32, 3))
+    self.assertEqual(model.output_shape, (None, 10))
+    # Logits, like the built-ins (the trainers' loss takes logits).
+    self.assertEqual(backbone.layers[-1].activation.__name__, "linear")
     images = _images(32)
-    np.testing.assert_allclose(model(images), self.source(images), rtol=1e-5,
-                               atol=1e-5)
+    scaled = keras.Model(model.input, model.layers[-2].output)(images)
+    np.testing.assert_allclose(scaled.numpy(),
+                               _preprocess_input(images, preprocessing),
+                               rtol=1e-5, atol=1e-4)
 
-  @parameterized.parameters("legacy_h5", "v3_weights_h5", "tf_prefix",
-                            "checkpoint", "saved_model")
-  def test_shape_mismatch_names_layer_and_shapes(self, kind):
-    model = _small(seed=3)
-    before = [w.numpy() for w in model.weights]
-    with self.assertRaises(ValueError) as caught:
-      models.load_pretrained(model, self.wrong_paths[kind])
-    message = str(caught.exception)
-    self.assertIn("logits", message)
-    self.assertRegex(message, r"\(128, 7\)")
-    self.assertRegex(message, r"\(128, 10\)")
-    for old, weight in zip(before, model.weights):  # nothing half-loaded
-      np.testing.assert_array_equal(old, weight.numpy())
+  def test_applications_weights_load_by_name_into_the_nested_backbone(self):
+    """A by-name .h5 of the bare constructor (the shared MobileNet's kind)."""
+    keras.utils.set_random_seed(1)
+    bare = keras.applications.MobileNet(
+        alpha=0.25, weights=None, input_shape=(32, 32, 3), classes=10,
+        classifier_activation=None)
+    path = os.path.join(self.root, "bare.h5")
+    bare.save_weights(path)
+    model = models.build("applications.MobileNet", 10, 32,
+                         model_options={"alpha": 0.25}, preprocessing="tf")
+    pretrained.load(model, path)
+    images = _images(32)
+    np.testing.assert_allclose(
+        model(images).numpy(), bare(_preprocess_input(images, "tf")).numpy(),
+        rtol=1e-4, atol=1e-4)
 
-  def test_missing_file(self):
-    with self.assertRaisesRegex(ValueError, "do not exist"):
-      models.load_pretrained(_small(), os.path.join(self.root, "nope.h5"))
+  @parameterized.named_parameters(
+      ("keras", "user.keras", "saved:"),
+      ("h5", "user.h5", ""),
+      ("saved_model", "user_saved_model", "saved:"),
+  )
+  def test_saved_full_model_round_trip(self, file_name, prefix):
+    user = _tiny_user_model()
+    path = os.path.join(self.root, file_name)
+    user.save(path, save_format=None if "." in file_name else "tf")
+    model = models.build(prefix + path, 5, 16, preprocessing="torch")
+    images = _images(16, n=3)
+    expected = user(_preprocess_input(images, "torch")).numpy()
+    np.testing.assert_allclose(model(images).numpy(), expected, rtol=1e-4,
+                               atol=1e-4)
+    # The trainers then load config.pretrained = the same path into it.
+    fresh = models.build(prefix + path, 5, 16, preprocessing="torch")
+    for weight in fresh.weights:
+      weight.assign(np.zeros(weight.shape, weight.dtype.as_numpy_dtype))
+    pretrained.load(fresh, path)
+    np.testing.assert_allclose(fresh(images).numpy(), expected, rtol=1e-4,
+                               atol=1e-4)
+    # And OPQ inlines it: every kernel of the user's model is compressed.
+    qmodel = apply(model, pruning_rate=0.5, bits=4)
+    self.assertEqual(sorted(e.kind for e in compressed_kernels(qmodel)),
+                     ["Conv2D", "Dense", "DepthwiseConv2D"])
+    self.assertEqual(qmodel(images).shape, (3, 5))
 
-  def test_other_architecture(self):
-    other = models.build("alexnet", 10, 63)
-    path = os.path.join(self.root, "alexnet.h5")
-    other.save_weights(path)
-    with self.assertRaisesRegex(ValueError, "no layer"):
-      models.load_pretrained(_small(), path)
+  def test_apply_compresses_an_applications_model(self):
+    model = models.build("applications.MobileNet", 10, 32,
+                         model_options='{"alpha": 0.25}', preprocessing="tf")
+    qmodel = apply(model, pruning_rate=0.5, bits=4)
+    self.assertLen(compressed_kernels(qmodel), 28)
+    self.assertEqual(qmodel(_images(32)).shape, (2, 10))
 
-  def test_imagenet_needs_a_keras_application_at_224(self):
-    with self.assertRaisesRegex(ValueError, "no ImageNet weights"):
-      models.load_pretrained(_small(), "imagenet")
-    with self.assertRaisesRegex(ValueError, "image_size 224"):
-      models.load_pretrained(models.build("mobilenet_v1", 1000, 64), "imagenet")
+  @parameterized.named_parameters(
+      ("unknown_constructor", "applications.MobileNetV9", "{}", "none",
+       r"no constructor 'MobileNetV9'.*applications\.\{.*MobileNet,"),
+      ("bad_json", "applications.MobileNet", "{alpha: 0.75}", "tf",
+       r"not valid JSON.*model_options='\{\"alpha\": 0\.75\}'"),
+      ("json_not_object", "applications.MobileNet", "[0.75]", "tf",
+       "not a JSON object"),
+      ("own_option", "applications.MobileNet", '{"weights": "imagenet"}', "tf",
+       r"sets \['weights'\].*config\.pretrained"),
+      ("bad_option", "applications.MobileNet", '{"depth": 3}', "tf",
+       r"refused model_options=\{'depth': 3\}.*Fix --config\.model_options"),
+      ("missing_path", "saved:/nonexistent/model.keras", "{}", "none",
+       r"'/nonexistent/model\.keras' does not exist"),
+      ("unknown_preprocessing", "applications.MobileNet", "{}", "inception",
+       r"Unknown preprocessing 'inception'.*'none', 'tf', 'torch', 'caffe'"),
+      ("options_on_builtin", "mobilenet_v1", '{"alpha": 0.5}', "none",
+       "is a built-in model"),
+      ("preprocessing_on_builtin", "small_resnet", "{}", "tf",
+       "is a built-in model"),
+  )
+  def test_errors_name_the_fix(self, name, options, preprocessing, message):
+    with self.assertRaisesRegex(ValueError, message):
+      models.build(name, 10, 32, model_options=options,
+                   preprocessing=preprocessing)
+
+  def test_saved_model_must_fit_the_config(self):
+    user = _tiny_user_model()
+    path = os.path.join(self.root, "user.keras")
+    user.save(path)
+    with self.assertRaisesRegex(ValueError, "--config.num_classes=5"):
+      models.build(path, 7, 16)
+    with self.assertRaisesRegex(ValueError, "set --config.image_size"):
+      models.build(path, 5, 32)
+    softmax = keras.Sequential([keras.Input((16, 16, 3)),
+                                keras.layers.Flatten(),
+                                keras.layers.Dense(5, activation="softmax")])
+    softmax_path = os.path.join(self.root, "softmax.keras")
+    softmax.save(softmax_path)
+    with self.assertRaisesRegex(ValueError, "ends in a softmax"):
+      models.build(softmax_path, 5, 16)
+    weights_only = os.path.join(self.root, "weights_only.h5")
+    user.save_weights(weights_only)
+    with self.assertRaisesRegex(ValueError, "not a full tf_keras model"):
+      models.build("saved:" + weights_only, 5, 16)
 
 
 if __name__ == "__main__":
