@@ -98,6 +98,7 @@ from opq_tf import files
 from opq_tf import imagenet_input
 from opq_tf import imagenet_manual
 from opq_tf import layers
+from opq_tf import litert
 from opq_tf import models
 from opq_tf import pretrained
 from opq_tf import wrapping
@@ -648,6 +649,37 @@ def _representative_data(config: ml_collections.ConfigDict, data_dir: str):
   return images
 
 
+def _litert_accuracy(qmodel: keras.Model, config: ml_collections.ConfigDict,
+                     data_dir: str, export_dir: str) -> dict:
+  """model.tflite against the stripped Keras model on validation images.
+
+  With int8 activations, a float-activation .tflite of the same model is
+  converted too and reported beside it, so the cost of quantizing the
+  activations reads off one table. Every worker runs this (stripping reads
+  BatchNorm's sync-on-read statistics, a collective across workers).
+  """
+  dataset = imagenet_input.make_dataset_fn(
+      split="validation", data_dir=data_dir, image_size=config.image_size,
+      global_batch_size=100, train=False,
+      num_classes=config.num_classes)(None).take(5)
+  images, labels = (np.concatenate(parts) for parts in zip(*[
+      (batch_images.numpy(), batch_labels.numpy())
+      for batch_images, batch_labels in dataset]))
+  stripped = wrapping.strip(qmodel)
+  exported = os.path.join(export_dir, litert.LITERT_FILE)
+  activations = ("int8_activations" if config.litert_int8_activations
+                 else "float_activations")
+  result = {"images": int(len(labels)),
+            activations: litert.compare(exported, stripped, images, labels)}
+  if config.litert_int8_activations:
+    with tempfile.TemporaryDirectory() as temp:
+      float_path = os.path.join(temp, litert.LITERT_FILE)
+      litert.convert(qmodel, float_path)
+      result["float_activations"] = litert.compare(float_path, stripped,
+                                                   images, labels)
+  return result
+
+
 def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
                           strategy: tf.distribute.Strategy) -> dict:
   """OPQ: FP32 weights -> plan -> apply -> finetune -> evaluate -> export.
@@ -712,6 +744,9 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
         input_signature=SERVING_SIGNATURE, litert=config.litert,
         litert_int8_activations=config.litert_int8_activations,
         representative_data=_representative_data(config, data_dir))
+    if config.litert:
+      export_report["litert"]["accuracy"] = _litert_accuracy(
+          qmodel, config, data_dir, target)
     if not chief:
       shutil.rmtree(os.path.dirname(target), ignore_errors=True)
   export_seconds = time.time() - export_started

@@ -205,7 +205,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     perturbed_path = os.path.join(self.root, "perturbed.h5")
     perturbed.save_weights(perturbed_path)
     resumed_config = self.config(pretrained=perturbed_path, num_epochs=1,
-                                 litert=True)
+                                 litert=True, litert_int8_activations=True)
     second = training.compress_and_finetune(resumed_config, workdir,
                                             self.one_device)
 
@@ -239,6 +239,19 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     tflite = os.path.join(workdir, training.EXPORT_DIR, "model.tflite")
     self.assertEqual(report["litert"]["bytes"], os.path.getsize(tflite))
     self.assertIn("int8", report["litert"]["bits_note"])
+    # Float-activation .tflite: the Keras model's logits up to rounding (first
+    # run); int8 activations (the resumed run's export) reported beside the
+    # float-activation conversion of the same model.
+    first_accuracy = first["litert"]["accuracy"]["float_activations"]
+    self.assertEqual(first_accuracy["top1_agreement"], 1.0)
+    self.assertEqual(first_accuracy["tflite_top1_accuracy"],
+                     first_accuracy["keras_top1_accuracy"])
+    accuracy = report["litert"]["accuracy"]
+    self.assertEqual(accuracy["images"], 500)
+    self.assertEqual(report["litert"]["activations"], "int8")
+    self.assertEqual(set(accuracy), {"images", "int8_activations",
+                                     "float_activations"})
+    self.assertGreater(accuracy["int8_activations"]["top1_agreement"], 0.8)
     self.assertAlmostEqual(report["plan"]["realised_pruning_rate"], 0.9,
                            places=3)
     self.assertGreater(report["compression"]["weight_bits_ratio"], 50)
