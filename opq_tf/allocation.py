@@ -543,6 +543,10 @@ def _opq_thresholds(kernels: list[_Kernel], pruning_rate: float,
 
 def _plan_kernel(kernel: _Kernel, threshold: float, step_granularity: str,
                  step_stats: str, step_fit: str) -> KernelPlan:
+  # The mask is |w| >= t on float32 weights. A float64 t between two float32
+  # values would count differently in float64 (here) and float32 (NumPy's
+  # comparison with a Python float, as in apply): t is made a float32 value.
+  threshold = float(np.float32(threshold))
   scale, bits = kernel.scale, kernel.bits
   unit_threshold = threshold / scale
   kernel_step = scale * float(laplace.optimal_unit_step(unit_threshold, bits))

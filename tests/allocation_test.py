@@ -45,6 +45,8 @@ class AllocateTest(parameterized.TestCase):
     for layer in plan.kernels:
       magnitudes = np.abs(kernels[layer.key].astype(np.float32))
       self.assertEqual(layer.kept, np.count_nonzero(magnitudes >= layer.threshold))
+      # A float32 threshold: float32 (apply) and float64 comparisons agree.
+      self.assertEqual(float(np.float32(layer.threshold)), layer.threshold)
 
   @parameterized.parameters(0.5, 0.8, 0.9, 0.97)
   def test_opq_is_a_true_optimum(self, pruning_rate):
