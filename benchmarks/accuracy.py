@@ -66,7 +66,7 @@ flags.DEFINE_string("workdir", "/tmp/opq_accuracy",
 flags.DEFINE_string("output_dir", os.path.join(_REPO, "docs"),
                     "Where accuracy_results.md and accuracy.png go.")
 flags.DEFINE_bool("quick", False,
-                  "Smoke run: 2 settings, 1 seed, 2 epochs, short FP32 training.")
+                  "Smoke run: 1 setting, 1 seed, 2 epochs, short FP32 training.")
 flags.DEFINE_integer("seeds", None, "Finetuning seeds (default 3; quick 1).")
 flags.DEFINE_integer("epochs", None,
                      "Finetuning epochs per method (default: the config's "
@@ -80,7 +80,7 @@ flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into N replicas.")
 FLAGS = flags.FLAGS
 
 SETTINGS = ((0.5, 8), (0.8, 4), (0.9, 4), (0.95, 3), (0.97, 2))
-QUICK_SETTINGS = ((0.5, 8), (0.9, 4))
+QUICK_SETTINGS = ((0.5, 8),)  # one setting: the test suite runs it
 # Method name -> opq_tf.allocate keyword arguments.
 OPQ_METHODS = {
     "opq": {"method": "opq"},
