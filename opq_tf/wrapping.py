@@ -86,12 +86,12 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
   """Layer name -> OPQQuantizeConfig for every layer named in `plan`."""
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(model)}
 
-  def matches(entry) -> bool:
-    weight = getattr(by_name.get(entry.name), entry.weight, None)
+  def matches(planned) -> bool:
+    weight = getattr(by_name.get(planned.name), planned.weight, None)
     return (isinstance(weight, tf.Variable)
-            and tuple(weight.shape) == tuple(entry.shape))
+            and tuple(weight.shape) == tuple(planned.shape))
 
-  missing = [entry.key for entry in plan.kernels if not matches(entry)]
+  missing = [planned.key for planned in plan.kernels if not matches(planned)]
   if missing:
     raise ValueError(
         f"The plan names weights that are not in model {model.name!r} (or "
@@ -99,9 +99,9 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
         f"{' ...' if len(missing) > 5 else ''}; make the plan with "
         "opq_tf.allocate on this model.")
   quantizers = {}
-  for entry in plan.kernels:
-    quantizers.setdefault(entry.name, {})[entry.weight] = OPQWeightQuantizer(
-        entry.bits, entry.step, entry.threshold, entry.channel_axes)
+  for planned in plan.kernels:
+    quantizers.setdefault(planned.name, {})[planned.weight] = OPQWeightQuantizer(
+        planned.bits, planned.step, planned.threshold, planned.channel_axes)
   return {name: OPQQuantizeConfig(by_weight, quantize_activations)
           for name, by_weight in quantizers.items()}
 
@@ -166,11 +166,11 @@ def apply(
 
   plan_by_key = plan.by_key()
   for wrapper, attr, weight, _, variables in _opq_weights(qmodel):
-    entry = plan_by_key[f"{wrapper.layer.name}/{attr}"]
+    planned = plan_by_key[f"{wrapper.layer.name}/{attr}"]
     kernel = weight.numpy()
-    mask = np.abs(kernel) >= entry.threshold
+    mask = np.abs(kernel) >= planned.threshold
     variables["mask"].assign(mask.astype(np.float32))
-    variables["step"].assign(entry.step_array())
+    variables["step"].assign(planned.step_array())
   qmodel.opq_plan = plan
   return qmodel
 
