@@ -238,6 +238,12 @@ def run_row(model, images: Images, method: str, pruning_rate: float,
   return rows
 
 
+def _row_order(row: dict) -> tuple:
+  return (row["pruning_rate"], row["bits"], METHODS.index(row["method"]),
+          GRANULARITIES.index(row["granularity"]),
+          CALIBRATIONS.index(row["calibration"]))
+
+
 def markdown(fp32: tuple[float, float], rows: list[dict], context: dict) -> str:
   lines = [
       "# One-shot compression of a real pre-trained model (no finetuning)",
@@ -324,15 +330,18 @@ def main(argv: Sequence[str]) -> None:
   }
   if _RESUME.value and os.path.exists(results_path):
     rows = files.read_json(results_path)["rows"]
-  done = {(r["pruning_rate"], r["bits"], r["method"], r["granularity"])
-          for r in rows}
+  done = {(r["pruning_rate"], r["bits"], r["method"], r["granularity"],
+           r["calibration"]) for r in rows}
   chosen = set(_RECONSTRUCT.value.split(","))
   for p, b, method, granularity in jobs:
-    if (p, b, method, granularity) in done:
+    calibrations = [c for c in CALIBRATIONS
+                    if (p, b, method, granularity, c) not in done and (
+                        not c.endswith("reconstruct") or "all" in chosen
+                        or f"{method}/{granularity}" in chosen)]
+    if not calibrations:
       continue
-    calibrations = [c for c in CALIBRATIONS if not c.endswith("reconstruct")
-                    or "all" in chosen or f"{method}/{granularity}" in chosen]
     rows += run_row(model, images, method, p, b, granularity, calibrations)
+    rows.sort(key=_row_order)
     files.write_json(results_path, {"fp32": fp32, "context": context,
                                     "rows": rows})
   if not _QUICK.value:
