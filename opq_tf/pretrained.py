@@ -222,6 +222,17 @@ def check_imagenet_weights(name: str, num_classes: int, image_size: int) -> None
         "--config.image_size=224 --config.num_classes=1000.")
 
 
+def _copy_from_saved(model: keras.Model, source: str, problem: str) -> None:
+  """Copies a saved full Keras model's weights into `model` by layer name."""
+  try:
+    loaded = keras.models.load_model(source, compile=False)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(
+        f"{source!r} {problem} ({error}); pass the FP32 weights as .h5 or a "
+        "checkpoint instead.") from error
+  _copy_from_model(loaded, model, source)
+
+
 def load(model: keras.Model, path_or_imagenet: Union[str, os.PathLike]
          ) -> keras.Model:
   """Fills `model` (from `build`) with pre-trained FP32 weights, in place.
@@ -262,13 +273,7 @@ def load(model: keras.Model, path_or_imagenet: Union[str, os.PathLike]
         "file, checkpoint prefix or SavedModel directory, or 'imagenet'.")
   if os.path.isdir(source):
     if os.path.exists(os.path.join(source, "saved_model.pb")):
-      try:
-        loaded = keras.models.load_model(source, compile=False)
-      except Exception as error:  # pylint: disable=broad-except
-        raise ValueError(
-            f"{source!r} is a SavedModel but not a Keras one ({error}); pass "
-            "the FP32 weights as .h5 or a checkpoint instead.") from error
-      _copy_from_model(loaded, model, source)
+      _copy_from_saved(model, source, "is a SavedModel but not a Keras one")
       return model
     prefix = tf.train.latest_checkpoint(source)
     if prefix is None:
@@ -277,13 +282,7 @@ def load(model: keras.Model, path_or_imagenet: Union[str, os.PathLike]
           "pass a weights file, checkpoint prefix or SavedModel directory.")
     _load_checkpoint(model, prefix)
   elif source.endswith(".keras"):
-    try:
-      loaded = keras.models.load_model(source, compile=False)
-    except Exception as error:  # pylint: disable=broad-except
-      raise ValueError(
-          f"{source!r} is not a readable Keras model ({error}); pass the FP32 "
-          "weights as .h5 or a checkpoint instead.") from error
-    _copy_from_model(loaded, model, source)
+    _copy_from_saved(model, source, "is not a readable Keras model")
   elif source.endswith(".weights.h5"):
     _load_keras_v3(model, source)
   elif source.endswith((".h5", ".hdf5")):
