@@ -329,7 +329,8 @@ class BadInputTest(parameterized.TestCase):
 
   @parameterized.parameters(("method", "random"), ("objective", "sum"),
                             ("step_granularity", "tensor"),
-                            ("step_stats", "global"))
+                            ("step_stats", "global"),
+                            ("step_fit", "model"))
   def test_unknown_choice(self, option, value):
     with self.assertRaisesRegex(ValueError, f"Unknown {option} '{value}'"):
       opq_tf.allocate(_kernels(), 0.5, 4, **{option: value})

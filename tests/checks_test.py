@@ -117,6 +117,9 @@ class ChecksTest(parameterized.TestCase):
       ("objective", {"objective": "all"}, r"config\.objective='all'"),
       ("step_granularity", {"step_granularity": "layer"},
        r"config\.step_granularity='layer'"),
+      ("step_fit", {"step_fit": "model"}, r"config\.step_fit='model'"),
+      ("calibration_images", {"calibration_images": -1},
+       r"config\.calibration_images=-1 is invalid.*>= 0"),
   )
   def test_validate_rejects(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
