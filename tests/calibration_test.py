@@ -327,6 +327,67 @@ class ReconstructTest(parameterized.TestCase):
     self.assertEqual(rows["logits/kernel"].method, "reconstructed")
     self.assertEqual(rows["conv/kernel"].method, "reconstructed")
 
+  def test_bias_absorbs_the_mean_error_of_a_kernel_too_wide_to_reconstruct(
+      self):
+    # A classifier on pooled ReLU features: inputs with a large positive mean,
+    # 40 samples for 32 inputs (< 4 per weight), so plain rounding; pruning
+    # then shifts every output's mean, which only the bias can take back.
+    inputs = keras.Input((32,))
+    fp32_model = keras.Model(inputs, keras.layers.Dense(10, name="head")(inputs))
+    features = np.abs(_correlated_inputs(40, (32,))) + 1.0
+    qmodel = opq_tf.apply(fp32_model, pruning_rate=0.7, bits=4)
+    kernel_before = _kernel_state(qmodel)["head/kernel"][0]
+    mean_shift = lambda: np.mean(fp32_model(features) - qmodel(features), 0)
+    scale = np.std(fp32_model(features).numpy())
+    self.assertGreater(np.abs(mean_shift()).max(), 0.05 * scale)
+    plain_error = _output_error(fp32_model, qmodel, features)
+
+    calibration.calibrate(qmodel, features, batchnorm=False, reconstruct=True)
+
+    np.testing.assert_array_equal(_kernel_state(qmodel)["head/kernel"][0],
+                                  kernel_before)
+    self.assertLess(np.abs(mean_shift()).max(), 1e-4 * scale)
+    row = qmodel.opq_calibration.kernels["head/kernel"]
+    self.assertEqual((row.method, row.bias_corrected), ("plain rounding", True))
+    self.assertIn("+ bias", qmodel.opq_calibration.table())
+    error = _output_error(fp32_model, qmodel, features)
+    self.assertLess(error, 0.9 * plain_error)
+    self.assertAlmostEqual(row.error_before, plain_error,
+                           delta=1e-3 * plain_error)
+    self.assertAlmostEqual(row.error_after, error, delta=1e-3 * error)
+
+  def test_kept_weights_compensate_every_pruned_one(self):
+    # On a fine grid the result must come close to the continuous optimum
+    # with the mask fixed, V_K = (W H)_K H_KK^-1 per output (8-bit rounding
+    # adds the rest). Fixing columns one at a time from the FP32 weights (a
+    # kept column fixed before a pruned one cannot compensate it) does not
+    # lower this layer's error at all.
+    inputs = keras.Input((24,))
+    fp32_model = keras.Model(
+        inputs, keras.layers.Dense(16, use_bias=False, name="d")(inputs))
+    images = _correlated_inputs(600, (24,))
+    qmodel = opq_tf.apply(fp32_model, pruning_rate=0.6, bits=8)
+    mask = _kernel_state(qmodel)["d/kernel"][1]
+    weights = fp32_model.layers[-1].kernel.numpy().astype(np.float64)
+    hessian = images.T.astype(np.float64) @ images
+    damped = hessian + calibration.DEFAULT_DAMPING * np.mean(
+        np.diag(hessian)) * np.eye(24)
+    optimum = np.zeros_like(weights)
+    for output in range(16):
+      kept = mask[:, output]
+      optimum[kept, output] = np.linalg.solve(
+          damped[np.ix_(kept, kept)], (damped @ weights[:, output])[kept])
+    error_of = lambda kernel: float(
+        np.trace((weights - kernel).T @ hessian @ (weights - kernel))
+        / np.trace(weights.T @ hessian @ weights))
+
+    calibration.calibrate(qmodel, images, batchnorm=False, reconstruct=True)
+
+    row = qmodel.opq_calibration.kernels["d/kernel"]
+    self.assertEqual(row.method, "reconstructed")
+    self.assertLess(row.error_after, 3 * error_of(optimum))
+    self.assertLess(error_of(optimum), 0.05 * row.error_before)
+
   def test_mirrored_strategy_gives_the_same_result(self):
     fp32 = _trained(_bn_model)
     images = _images(100)
@@ -351,6 +412,29 @@ class ReconstructTest(parameterized.TestCase):
       np.testing.assert_allclose(
           component.numpy(), single.get_layer("bn").moving_variance.numpy(),
           rtol=1e-4)
+
+
+class MaskedLeastSquaresTest(parameterized.TestCase):
+
+  @parameterized.parameters((1, 5, 40), (3, 2, 9))
+  def test_matches_a_direct_solve_on_each_rows_kept_set(self, groups, rows,
+                                                        width):
+    random = np.random.RandomState(groups)
+    factor = random.normal(size=(groups, width, width)) + 2 * np.eye(width)
+    hessian = factor @ np.swapaxes(factor, 1, 2) + np.eye(width)
+    weights = random.normal(size=(groups, rows, width))
+    rhs = random.normal(size=(groups, rows, width))
+    mask = random.uniform(size=weights.shape) < 0.6
+
+    got = calibration._masked_least_squares(weights, rhs, hessian, mask)  # pylint: disable=protected-access
+
+    np.testing.assert_array_equal(got[~mask], 0.0)
+    for g in range(groups):
+      for r in range(rows):
+        kept = mask[g, r]
+        want = np.linalg.solve(hessian[g][np.ix_(kept, kept)], rhs[g, r, kept])
+        np.testing.assert_allclose(got[g, r, kept], want, rtol=1e-3,
+                                   atol=1e-4 * np.abs(want).max())
 
 
 class ErrorTest(parameterized.TestCase):
