@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Optional, Union
 
@@ -218,11 +219,19 @@ def calibrate(
       # it). With batchnorm, inputs are therefore taken with every
       # BatchNorm normalising by its batch statistics, as the final
       # re-estimation will make them.
-      with (_batch_statistics_mode(bn_layers) if batchnorm
+      #
+      # Targets come from an FP32 copy of the network (inputs Z, outputs
+      # W Z), run the same way: each layer then also undoes the error its
+      # input accumulated in the compressed layers before it.
+      reference = _fp32_network(model, kernels)
+      reference_bn = [layer for layer in layers_lib.iter_layers(reference)
+                      if isinstance(layer, keras.layers.BatchNormalization)]
+      with (_batch_statistics_mode(bn_layers + reference_bn) if batchnorm
             else contextlib.nullcontext()):
         for kernel in kernels:
           rows[kernel.key] = _reconstruct_kernel(
-              model, kernel, kernels, batches, damping, min_samples_per_weight)
+              model, reference, kernel, kernels, batches, damping,
+              min_samples_per_weight)
       if batchnorm and bn_layers:
         _reestimate_batchnorm(model, bn_layers, batches)
   except BaseException:
@@ -492,37 +501,43 @@ def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
 # ------------------------------------------------------------ reconstruction
 
 
-def _reconstruct_kernel(model, kernel: _Kernel, kernels: list[_Kernel],
-                        batches, damping: float,
+def _reconstruct_kernel(model, reference, kernel: _Kernel,
+                        kernels: list[_Kernel], batches, damping: float,
                         min_samples_per_weight: float) -> KernelCalibration:
   """Reconstructs one kernel in place; returns its summary row."""
-  hessian_fn, to_rows, from_rows, reason = _layout(kernel, kernels)
-  if hessian_fn is None:
+  columns_of, target_columns_of, to_rows, from_rows, reason = _layout(
+      kernel, kernels)
+  if columns_of is None:
     return KernelCalibration("plain rounding", reason)
   layer_input = _layer_input(model, kernel.node_layer)
-  if layer_input is None:
+  reference_input = _layer_input(reference, _same_layer(reference, kernel))
+  if layer_input is None or reference_input is None:
     return KernelCalibration("plain rounding",
                              "layer is called more than once (shared)")
-  prefix = keras.Model(model.inputs, layer_input)
+  prefixes = (keras.Model(model.inputs, layer_input),
+              keras.Model(reference.inputs, reference_input))
   image_spec = tf.TensorSpec((None,) + batches[0].shape[1:], batches[0].dtype)
   input_spec = tf.TensorSpec((None,) + tuple(layer_input.shape[1:]),
                              tf.float32)
   # One trace each per kernel; concrete functions keep TF's retracing warning
   # (meant for accidental retracing) quiet.
   inputs_of = tf.function(
-      lambda images: tf.cast(prefix(images, training=False), tf.float32),
+      lambda images: [tf.cast(prefix(images, training=False), tf.float32)
+                      for prefix in prefixes],
       input_signature=[image_spec], autograph=False).get_concrete_function()
   statistics_of = tf.function(
-      hessian_fn, input_signature=[input_spec]).get_concrete_function()
+      functools.partial(_statistics, columns_of, target_columns_of),
+      input_signature=[input_spec, input_spec]).get_concrete_function()
   patch_width = int(np.prod(kernel.target.shape[:-1]))
   sums, samples = None, 0
   for batch in batches:
-    inputs = inputs_of(tf.constant(batch))
+    inputs, targets = inputs_of(tf.constant(batch))
     # im2col copies every input kh * kw times: bound its memory per call.
     patch_bytes = 4 * patch_width * max(1, int(np.prod(inputs.shape[1:-1])))
     chunk = max(1, _PATCH_BYTES // patch_bytes)
     for start in range(0, len(batch), chunk):
-      rows, *parts = statistics_of(inputs[start:start + chunk])
+      rows, *parts = statistics_of(inputs[start:start + chunk],
+                                   targets[start:start + chunk])
       parts = [np.asarray(part, np.float64) for part in parts]
       sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
       samples += int(rows)
@@ -538,9 +553,9 @@ def _reconstruct_kernel(model, kernel: _Kernel, kernels: list[_Kernel],
               f"{min_samples_per_weight:g}: more images (max_images) would "
               "reconstruct it")
   else:
-    fitted = _error_feedback_rounding(weights, statistics.hessian, mask, step,
-                                      kernel.bits, damping,
-                                      cross=statistics.cross)
+    fitted = _error_feedback_rounding(weights, statistics.hessian,
+                                      statistics.cross, mask, step,
+                                      kernel.bits, damping)
     reason = ""
     if statistics.relative_error(weights, fitted) < error_before:
       rows = fitted
@@ -585,23 +600,22 @@ def _bias_of(kernel: _Kernel) -> Optional[tf.Variable]:
 class _Statistics:
   """Sums over the calibration samples of one layer, rows of W per group.
 
-  X is the layer's input in the compressed network; its FP32 output is W Z,
-  with Z = X except in the pointwise half of a SeparableConv2D, where Z is the
-  FP32 depthwise output (then `cross` = Z X^T etc. are given).
+  X is the layer's input in the compressed network, Z its input in the FP32
+  network (for a SeparableConv2D's pointwise kernel: the depthwise outputs of
+  each), so that W Z is the FP32 output the compressed W_hat X should match.
   """
 
   samples: int
   hessian: np.ndarray  # X X^T, (groups, D, D)
   input_sum: np.ndarray  # sum of X, (groups, D)
-  cross: Optional[np.ndarray] = None  # Z X^T
-  target_gram: Optional[np.ndarray] = None  # Z Z^T
-  target_sum: Optional[np.ndarray] = None  # sum of Z
+  cross: np.ndarray  # Z X^T
+  target_gram: np.ndarray  # Z Z^T
+  target_sum: np.ndarray  # sum of Z
 
   def mean_error(self, weights: np.ndarray, compressed: np.ndarray
                  ) -> np.ndarray:
     """mean(W Z - W_hat X) over the samples, (groups, rows)."""
-    target_sum = self.input_sum if self.target_sum is None else self.target_sum
-    return (np.einsum("grd,gd->gr", weights, target_sum)
+    return (np.einsum("grd,gd->gr", weights, self.target_sum)
             - np.einsum("grd,gd->gr", compressed, self.input_sum)) / self.samples
 
   def relative_error(self, weights: np.ndarray, compressed: np.ndarray,
@@ -609,10 +623,8 @@ class _Statistics:
     """||W Z - W_hat X||^2 / ||W Z||^2 and, bias_corrected, with the mean
     error taken off every output (sum ||d - m||^2 = sum ||d||^2 - N ||m||^2)."""
     quadratic = lambda a, m, b: np.einsum("grd,gde,gre->", a, m, b)
-    cross = self.hessian if self.cross is None else self.cross
-    gram = self.hessian if self.target_gram is None else self.target_gram
-    signal = quadratic(weights, gram, weights)
-    error = (signal - 2 * quadratic(weights, cross, compressed)
+    signal = quadratic(weights, self.target_gram, weights)
+    error = (signal - 2 * quadratic(weights, self.cross, compressed)
              + quadratic(compressed, self.hessian, compressed))
     if bias_corrected:
       error -= self.samples * np.sum(self.mean_error(weights, compressed)**2)
@@ -634,60 +646,86 @@ def _layer_input(model, layer):
 
 
 def _layout(kernel: _Kernel, kernels: list[_Kernel]):
-  """(hessian_fn, to_rows, from_rows, reason) for the kernel's layer kind.
+  """(columns_of, target_columns_of, to_rows, from_rows, reason) for the
+  kernel's layer kind.
 
-  hessian_fn(layer input) -> (sample count, H = X X^T of shape (groups, D, D),
-  the sums of X (groups, D)[, Z X^T, Z Z^T, the sums of Z]) where the layer's
-  FP32 output is W Z, not W X;
-  to_rows maps a kernel-shaped array to (groups, rows, D) with D the inputs of
-  one output, from_rows maps back. (None, ..., reason) if not supported.
+  columns_of(layer input) -> X, the inputs each output sees, shaped (samples,
+  D, groups); target_columns_of(FP32 network's layer input) -> Z, the same
+  for the FP32 layer (a different function only for the pointwise half of a
+  SeparableConv2D). to_rows maps a kernel-shaped array to (groups, rows, D),
+  from_rows maps back. (None, ..., reason) if not supported.
   """
   layer, shape = kernel.layer, kernel.target.shape
+  unsupported = lambda reason: (None, None, None, None, reason)
   if getattr(layer, "data_format", "channels_last") != "channels_last":
-    return None, None, None, "channels_first layers are not reconstructed"
+    return unsupported("channels_first layers are not reconstructed")
   kind = type(layer)
   flat_rows = (lambda a: a.reshape(-1, shape[-1]).T[None],
                lambda rows: rows[0].T.reshape(shape))
+  width = int(np.prod(shape[:-1]))
   if kind is keras.layers.Dense:
-    return (lambda x: _gram(tf.reshape(x, (-1, shape[0])))), *flat_rows, ""
+    columns = lambda x: tf.reshape(x, (-1, width, 1))
+    return columns, columns, *flat_rows, ""
   if kind in (keras.layers.Conv2D, keras.layers.Conv1D):
     if getattr(layer, "groups", 1) != 1:
-      return None, None, None, "grouped convolutions are not reconstructed"
+      return unsupported("grouped convolutions are not reconstructed")
     patches = _patches_fn(layer, shape[:-2])
-    return (lambda x: _gram(tf.reshape(patches(x), (-1, np.prod(shape[:-1]))))
-            ), *flat_rows, ""
+    columns = lambda x: tf.reshape(patches(x), (-1, width, 1))
+    return columns, columns, *flat_rows, ""
   if kind in (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D):
     spatial = int(np.prod(shape[:-2]))
     channels, multiplier = shape[-2], shape[-1]
-    depth_rows = (
-        lambda a: a.reshape(spatial, channels, multiplier).transpose(1, 2, 0),
-        lambda rows: rows.transpose(2, 0, 1).reshape(shape))
     if kernel.attr == "depthwise_kernel":
       patches = _patches_fn(layer, shape[:-2])
-
-      def depthwise_hessian(x):
-        columns = tf.reshape(patches(x), (-1, spatial, channels))
-        return (tf.shape(columns)[0],
-                tf.einsum("skc,slc->ckl", columns, columns),
-                tf.transpose(tf.reduce_sum(columns, axis=0)))
-
-      return depthwise_hessian, *depth_rows, ""
+      columns = lambda x: tf.reshape(patches(x), (-1, spatial, channels))
+      return (columns, columns,
+              lambda a: a.reshape(spatial, channels, multiplier).transpose(
+                  1, 2, 0),
+              lambda rows: rows.transpose(2, 0, 1).reshape(shape), "")
     if kernel.attr == "pointwise_kernel":
       depthwise = _depthwise_as_used(kernel, kernels)
       if depthwise is None:
-        return None, None, None, "its depthwise kernel is not accessible"
-      return _pointwise_hessian_fn(kernel, depthwise), *flat_rows, ""
-  return None, None, None, (
-      f"{type(layer).__name__}/{kernel.attr} is not a kind calibrate "
-      "reconstructs")
+        return unsupported("its depthwise kernel is not accessible")
+      compressed, fp32 = (_depthwise_output_fn(layer, value, shape[-2])
+                          for value in depthwise)
+      return compressed, fp32, *flat_rows, ""
+  return unsupported(f"{type(layer).__name__}/{kernel.attr} is not a kind "
+                     "calibrate reconstructs")
 
 
-def _gram(columns):
-  """(number of rows of X, X^T X and the column sums of X, each with a
-  leading group axis of 1)."""
-  return (tf.shape(columns)[0],
-          tf.matmul(columns, columns, transpose_a=True)[None],
-          tf.reduce_sum(columns, axis=0)[None])
+def _statistics(columns_of, target_columns_of, inputs, targets):
+  """Sums of one chunk: (samples, X X^T, sum X, Z X^T, Z Z^T, sum Z), the
+  products per group (groups, D, D), the sums (groups, D)."""
+  x, z = columns_of(inputs), target_columns_of(targets)
+  gram = lambda a, b: tf.einsum("sdg,seg->gde", a, b)
+  total = lambda a: tf.transpose(tf.reduce_sum(a, axis=0))
+  return (tf.shape(x)[0], gram(x, x), total(x), gram(z, x), gram(z, z),
+          total(z))
+
+
+def _same_layer(reference, kernel: _Kernel):
+  """The layer of the FP32 copy that corresponds to the kernel's layer."""
+  for layer in layers_lib.iter_layers(reference):
+    if layer.name == kernel.layer.name:
+      return layer
+  raise AssertionError(f"{kernel.key}: no such layer in the FP32 copy.")
+
+
+def _fp32_network(model, kernels: list[_Kernel]) -> keras.Model:
+  """A plain copy of the model with every compressed kernel at FP32.
+
+  A wrapped model is stripped (tfmot's wrappers would quantize again), a
+  stripped one cloned; the copy keeps every other weight and BatchNorm
+  statistic as they are now.
+  """
+  if kernels[0].wrapped:
+    reference = wrapping.strip(model)
+  else:
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+  for kernel in kernels:
+    getattr(_same_layer(reference, kernel), kernel.attr).assign(kernel.target)
+  return reference
 
 
 def _patches_fn(layer, kernel_size) -> Callable:
@@ -731,61 +769,51 @@ def _depthwise_as_used(kernel: _Kernel, kernels: list[_Kernel]
   return value, value
 
 
-def _pointwise_hessian_fn(kernel: _Kernel, depthwise) -> Callable:
-  """Statistics of a SeparableConv2D's pointwise kernel.
+def _depthwise_output_fn(layer, depthwise: np.ndarray, channels: int
+                         ) -> Callable:
+  """x -> a SeparableConv2D's depthwise output with the given depthwise
+  kernel, as the pointwise kernel's columns (samples, channels, 1)."""
 
-  Its input X is the depthwise output with the compressed depthwise kernel,
-  but the layer's FP32 output is W Z, Z the depthwise output with the FP32
-  depthwise kernel: (rows, X X^T, Z X^T, Z Z^T), so the pointwise kernel also
-  absorbs what the depthwise reconstruction could not fix.
-  """
-  layer = kernel.layer
-  compressed, fp32 = depthwise
-  channels = kernel.target.shape[-2]
-
-  def depthwise_output(x, value):
+  def columns(x):
     output = tf.nn.depthwise_conv2d(
-        x, tf.constant(value), strides=(1,) + tuple(layer.strides) + (1,),
+        x, tf.constant(depthwise), strides=(1,) + tuple(layer.strides) + (1,),
         padding=layer.padding.upper(), dilations=tuple(layer.dilation_rate))
-    return tf.reshape(output, (-1, channels))
+    return tf.reshape(output, (-1, channels, 1))
 
-  def statistics(x):
-    inputs, targets = depthwise_output(x, compressed), depthwise_output(x, fp32)
-    rows, hessian, input_sum = _gram(inputs)
-    cross = tf.matmul(targets, inputs, transpose_a=True)[None]
-    return (rows, hessian, input_sum, cross, *_gram(targets)[1:])
-
-  return statistics
+  return columns
 
 
 def _error_feedback_rounding(weights: np.ndarray, hessian: np.ndarray,
-                             mask: np.ndarray, step: np.ndarray, bits: int,
-                             damping: float,
-                             cross: Optional[np.ndarray] = None) -> np.ndarray:
+                             cross: np.ndarray, mask: np.ndarray,
+                             step: np.ndarray, bits: int,
+                             damping: float) -> np.ndarray:
   """OBS rounding of rows W (groups, rows, D) with a fixed mask and grid.
 
-  First the kept weights of every row move to their least-squares optimum
-  with the pruned ones at zero (`_masked_least_squares`): every kept weight
-  compensates every pruned one. Fixing columns one at a time, as SparseGPT
-  does with its own mask, lets a kept column fixed early compensate nothing
-  pruned after it; measured on ImageNet MobileNet-V1 0.75, solving first
-  raised top-1 after calibration by 2.4 and 1.8 points at (p, B) = (0.5, 8) and
-  (0.656, 4). Then columns are fixed in order of decreasing diag(H) (GPTQ's
-  act-order); fixing column j to its grid value q (0 where pruned) leaves the
-  error (w_j - q) / U_jj, fed back to the unfixed columns through row j of U,
-  the upper Cholesky factor of H^-1 (GPTQ / SparseGPT), in lazy blocks.
-  With `cross` = Z X^T (targets W Z, not W X), the optimum is that of
-  ||W Z - W_hat X||^2. Returns the grid values, float32, same layout.
+  Minimises ||W Z - W_hat X||^2 + damping * ||W - W_hat||^2 (H = X X^T,
+  cross = Z X^T; the damping, a fraction of mean(diag(H)), keeps W_hat near W
+  where the samples say little). First the kept weights of every row move to
+  their least-squares optimum with the pruned ones at zero
+  (`_masked_least_squares`): every kept weight compensates every pruned one.
+  Fixing columns one at a time from W, as SparseGPT does with its own mask,
+  lets a kept column fixed early compensate nothing pruned after it; measured
+  on ImageNet MobileNet-V1 0.75, solving first raised top-1 after calibration
+  by 2.4 and 1.8 points at (p, B) = (0.5, 8) and (0.656, 4). Then columns are
+  fixed in order of decreasing diag(H) (GPTQ's act-order); fixing column j to
+  its grid value q (0 where pruned) leaves the error (w_j - q) / U_jj, fed
+  back to the unfixed columns through row j of U, the upper Cholesky factor
+  of (H + damping)^-1 (GPTQ / SparseGPT), in lazy blocks. Returns the grid
+  values, float32, same layout.
   """
   groups, rows, width = weights.shape
   hessian = np.array(hessian, np.float64)
   columns = np.arange(width)
   diag = hessian[:, columns, columns]
   dead = diag <= 0  # inputs that were always zero: any weight does.
-  hessian[:, columns, columns] = np.where(dead, 1.0, diag) + damping * np.mean(
+  damped = np.where(dead, 1.0, diag) + damping * np.mean(
       np.where(dead, 0.0, diag), axis=1, keepdims=True) + 1e-12
-  weights = _masked_least_squares(
-      weights, weights @ (hessian if cross is None else cross), hessian, mask)
+  hessian[:, columns, columns] = damped
+  rhs = weights @ cross + weights * (damped - np.where(dead, 0.0, diag))[:, None]
+  weights = _masked_least_squares(weights, rhs, hessian, mask)
   order = np.argsort(-diag, axis=1, kind="stable")
   take = lambda a: np.take_along_axis(a, order[:, None, :], axis=2)
   hessian = np.take_along_axis(take(hessian), order[:, :, None], axis=1)

@@ -636,6 +636,14 @@ def _calibrate(qmodel: keras.Model, config: ml_collections.ConfigDict,
   return time.time() - started
 
 
+def _calibration_summary(qmodel: keras.Model) -> dict[str, Any]:
+  """How many kernels calibrate reconstructed and whose biases it corrected."""
+  rows = qmodel.opq_calibration.kernels.values()
+  return {"batchnorm_layers": len(qmodel.opq_calibration.batchnorm_layers),
+          "kernels_reconstructed": sum(r.method == "reconstructed" for r in rows),
+          "biases_corrected": sum(r.bias_corrected for r in rows)}
+
+
 def _representative_data(config: ml_collections.ConfigDict, data_dir: str):
   """LiteRT's representative dataset: one-image batches of training images."""
   if not (config.litert and config.litert_int8_activations):
@@ -724,6 +732,7 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
   calibrate_seconds = _calibrate(qmodel, config, workdir, data_dir)
   if config.calibration_images and "calibrated" not in evaluations:
     evaluations["calibrated"] = evaluate(qmodel, config, strategy, data_dir)
+    evaluations["calibration"] = _calibration_summary(qmodel)
     if chief:
       _write_json(evaluations_path, evaluations)
 
@@ -779,7 +788,8 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
       "finetune": training,
       "fp32_training": fp32_metrics.get("training"),
       "calibration": {"images": config.calibration_images,
-                      "reconstruct": config.calibrate_reconstruct},
+                      "reconstruct": config.calibrate_reconstruct,
+                      **evaluations.get("calibration", {})},
       "seconds": {"allocate_and_apply": allocate_seconds,
                   "calibrate": calibrate_seconds,
                   "finetune": training["seconds"], "export": export_seconds,
