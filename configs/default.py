@@ -74,7 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.quantize_activations = False
   # Calibration before finetuning (opq_tf.calibrate): BatchNorm statistics
   # re-estimated on this many training images (0 = none), and optionally the
-  # kept weights reconstructed layer by layer.
+  # kept weights reconstructed layer by layer. On this job reconstruction
+  # lifts top-1 before finetuning from 80.0% to 90.4% but not after it
+  # (93.8% without, 93.4% with) and costs 15 s of the job's 50: off here; the
+  # ImageNet configs, whose one-shot result it lifts by 4-14 points, turn it on.
   config.calibration_images = 500
   config.calibrate_reconstruct = False
 

@@ -64,6 +64,7 @@ def get_config():
   config.bits = 4
   config.objective = "per_kernel"
   config.calibration_images = 500
+  config.calibrate_reconstruct = True
 
   config.num_epochs = 1
   config.learning_rate = 5e-5

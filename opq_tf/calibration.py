@@ -16,25 +16,28 @@ Two repairs, both with masks and steps fixed (docs/method.md part D):
   size. The statistics are computed in a tf.function, outside replica context,
   so a model built under a tf.distribute strategy gets exactly what it would
   get without one; only `moving_mean` and `moving_variance` change.
-* Reconstruction (`reconstruct=True`). Layer by layer in network order, with
-  inputs X taken from the already-compressed network, the kept weights of each
-  kernel move so that the compressed layer reproduces the FP32 layer's output:
-  minimise ||W X - W_hat X||^2 with W_hat zero where pruned and on the grid
-  `step * clip(round(w / step), -K, K)` where kept. The kept weights of each
-  output first move to the least-squares optimum with the pruned ones at zero;
-  then columns are fixed one at a time (largest diag(H) first), each column's
+* Reconstruction (`reconstruct=True`). Layer by layer in network order, the
+  kept weights of each kernel move so that the compressed layer reproduces
+  the FP32 network's output there: with X the layer's input in the
+  already-compressed network and Z its input in an FP32 copy of the network,
+  minimise ||W Z - W_hat X||^2 (+ damping pulling W_hat towards W) with W_hat
+  zero where pruned and on the grid `step * clip(round(w / step), -K, K)`
+  where kept. Targets from the FP32 network, not W X, let each layer undo the
+  error its input accumulated before it. The kept weights of each output
+  first move to the least-squares optimum with the pruned ones at zero; then
+  columns are fixed one at a time (largest diag(H) first), each column's
   rounding error fed back onto the columns not fixed yet through the inverse
   Hessian H = X X^T + damping (OBS; GPTQ / SparseGPT with a given mask). A
   layer with a bias then absorbs its output's mean error into the bias (bias
   correction; this needs only the mean input, so it is done for kernels with
   too few samples to reconstruct as well, such as a classifier). Convolutions
   use im2col patches, depthwise kernels one H per input channel. A
-  SeparableConv2D is one layer: its pointwise kernel is fitted to the FP32
-  layer's output W Z (Z: FP32 depthwise output) from the compressed depthwise
-  output X, so it also absorbs the depthwise kernel's remaining error.
-  Wrapped models get latent kernels equal to the reconstructed grid values
-  (the quantizer rounds them back to the same codes), so reconstruct once, on
-  the model `apply` returned: a second call would take those as its target.
+  SeparableConv2D is one layer: its pointwise kernel's X and Z are the
+  compressed and FP32 depthwise outputs, so it also absorbs the depthwise
+  kernel's remaining error. Wrapped models get latent kernels equal to the
+  reconstructed grid values (the quantizer rounds them back to the same
+  codes), so reconstruct once, on the model `apply` returned: a second call
+  would take those as its target.
 
 Reconstruction fits each kernel to the calibration samples, so it overfits
 kernels that see too few of them: measured on ImageNet, 128 images lowered
