@@ -513,7 +513,8 @@ def _reconstruct_kernel(model, reference, kernel: _Kernel,
   if columns_of is None:
     return KernelCalibration("plain rounding", reason)
   layer_input = _layer_input(model, kernel.node_layer)
-  reference_input = _layer_input(reference, _same_layer(reference, kernel))
+  reference_input = (layer_input if reference is model else
+                     _layer_input(reference, _same_layer(reference, kernel)))
   if layer_input is None or reference_input is None:
     return KernelCalibration("plain rounding",
                              "layer is called more than once (shared)")
@@ -719,15 +720,26 @@ def _fp32_network(model, kernels: list[_Kernel]) -> keras.Model:
 
   A wrapped model is stripped (tfmot's wrappers would quantize again), a
   stripped one cloned; the copy keeps every other weight and BatchNorm
-  statistic as they are now.
+  statistic as they are now. A model that cannot be copied (a custom layer
+  without get_config, say) is returned itself, with a warning: each layer
+  then matches W X on its compressed input, as before FP32 targets.
   """
-  if kernels[0].wrapped:
-    reference = wrapping.strip(model)
-  else:
-    reference = keras.models.clone_model(model)
-    reference.set_weights(model.get_weights())
-  for kernel in kernels:
-    getattr(_same_layer(reference, kernel), kernel.attr).assign(kernel.target)
+  try:
+    if kernels[0].wrapped:
+      reference = wrapping.strip(model)
+    else:
+      reference = keras.models.clone_model(model)
+      reference.set_weights(model.get_weights())
+    for kernel in kernels:
+      getattr(_same_layer(reference, kernel), kernel.attr).assign(kernel.target)
+  except (ValueError, TypeError, NotImplementedError, AttributeError) as error:
+    warnings.warn(
+        f"calibrate could not copy model {model.name!r} to take the FP32 "
+        f"network's outputs as targets ({error}); each layer is reconstructed "
+        "towards its FP32 kernel on the compressed network's inputs instead. "
+        "Give custom layers a get_config to get the FP32 targets.",
+        stacklevel=3)
+    return model
   return reference
 
 

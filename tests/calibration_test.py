@@ -1,6 +1,7 @@
 """Tests for opq_tf.calibrate: BatchNorm re-estimation and reconstruction."""
 
 from unittest import mock
+import warnings
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -387,6 +388,47 @@ class ReconstructTest(parameterized.TestCase):
     self.assertEqual(row.method, "reconstructed")
     self.assertLess(row.error_after, 3 * error_of(optimum))
     self.assertLess(error_of(optimum), 0.05 * row.error_before)
+
+  def test_fp32_targets_undo_the_error_of_the_layers_before(self):
+    # Two compressed layers: the second, fitted to the FP32 network's output
+    # W Z rather than to W X on its drifted input X, also absorbs the first
+    # layer's remaining error, so the network's output is closer to FP32.
+    inputs = keras.Input((16,))
+    hidden = keras.layers.Dense(16, use_bias=False, name="first")(inputs)
+    fp32_model = keras.Model(inputs, keras.layers.Dense(
+        8, use_bias=False, name="second")(hidden))
+    images = _correlated_inputs(400, (16,))
+    errors = {}
+    for targets in ("fp32 network", "own inputs"):
+      qmodel = _strip(opq_tf.apply(fp32_model, pruning_rate=0.6, bits=3))
+      with mock.patch.object(
+          keras.models, "clone_model",
+          side_effect=(ValueError("no copy") if targets == "own inputs"
+                       else keras.models.clone_model)):
+        with warnings.catch_warnings():
+          warnings.simplefilter("ignore")
+          calibration.calibrate(qmodel, images, batchnorm=False,
+                                reconstruct=True)
+      reference = fp32_model(images).numpy()
+      errors[targets] = float(np.sum((qmodel(images).numpy() - reference)**2)
+                              / np.sum(reference**2))
+    self.assertLess(errors["fp32 network"], 0.8 * errors["own inputs"])
+
+  def test_a_model_that_cannot_be_copied_is_reconstructed_on_its_own_inputs(
+      self):
+    qmodel = _strip(opq_tf.apply(_trained(_bn_model), pruning_rate=0.6,
+                                 bits=3))
+    images = _correlated_inputs(200, (8, 8, 3))
+    before = _kernel_state(qmodel)
+    with mock.patch.object(keras.models, "clone_model",
+                           side_effect=ValueError("no get_config")):
+      with self.assertWarnsRegex(UserWarning, "could not copy.*no get_config"):
+        calibration.calibrate(qmodel, images, reconstruct=True)
+
+    self._assert_compressed(before, _kernel_state(qmodel))
+    row = qmodel.opq_calibration.kernels["conv/kernel"]
+    self.assertEqual(row.method, "reconstructed")
+    self.assertLess(row.error_after, 0.9 * row.error_before)
 
   def test_mirrored_strategy_gives_the_same_result(self):
     fp32 = _trained(_bn_model)
