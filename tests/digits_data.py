@@ -38,3 +38,20 @@ def dirs() -> tuple[str, str]:
     imagenet_manual.prepare(data_dir, manual_dir, num_shards=NUM_SHARDS)
     _dirs.update(manual_dir=manual_dir, data_dir=data_dir)
   return _dirs["manual_dir"], _dirs["data_dir"]
+
+
+class DigitsTestCase:
+  """Mixin for test classes: `cls.manual_dir`, `cls.data_dir` (the shared
+  digits data) and `cls.root`, a temporary directory of the class's own,
+  removed after it. Put it first among the bases."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp()
+    cls.manual_dir, cls.data_dir = dirs()
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()

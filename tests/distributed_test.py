@@ -14,9 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import shutil
 import tarfile
-import tempfile
 import time
 
 from absl.testing import absltest
@@ -82,18 +80,7 @@ def _environment(**extra) -> dict:
   return env
 
 
-class DistributedTest(absltest.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = tempfile.mkdtemp()
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
+class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
 
   def test_two_workers_finish_with_identical_weights(self):
     workdir = os.path.join(self.root, "multi_worker")

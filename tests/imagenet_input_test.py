@@ -6,7 +6,6 @@ builder with 4 record files per split, shared per process (digits_data).
 
 import io
 import os
-import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -28,18 +27,8 @@ from opq_tf._keras import tf
 cpu_devices.split_cpu()
 
 
-class ImagenetInputTest(tf.test.TestCase, parameterized.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = tempfile.mkdtemp()
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
+class ImagenetInputTest(digits_data.DigitsTestCase, tf.test.TestCase,
+                        parameterized.TestCase):
 
   def _dataset_fn(self, **kwargs):
     args = dict(

@@ -53,18 +53,7 @@ class LabelFilesTest(absltest.TestCase):
 
 
 
-class ManualDirTest(parameterized.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = tempfile.mkdtemp()
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
+class ManualDirTest(digits_data.DigitsTestCase, parameterized.TestCase):
 
   def test_prepare_again_is_a_fast_no_op(self):
     version_dir = os.path.join(self.data_dir, "imagenet2012", "5.1.0")
