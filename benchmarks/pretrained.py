@@ -1,6 +1,6 @@
 """One-shot compression of a real pre-trained model, before any finetuning.
 
-    python -m benchmarks.pretrained                      # MobileNet-V1 0.75, ~1 h
+    python -m benchmarks.pretrained                      # MobileNet-V1 0.75, ~3 h
     python -m benchmarks.pretrained --quick              # two rows, ~5 min
 
 Takes any tf_keras model with weights (a full saved model, or a
@@ -78,8 +78,8 @@ _SETTINGS = flags.DEFINE_string("settings", "0.5:8,0.656:4,0.8:4",
                                 "p:B pairs.")
 _RECONSTRUCT = flags.DEFINE_string(
     "reconstruct", "all", "Rows (method/granularity, comma-separated) that "
-    "also get batchnorm+reconstruct, or 'all'; reconstruction costs minutes "
-    "per row on 2 cores.")
+    "also get batchnorm+reconstruct, or 'all'; reconstruction costs 3-5 "
+    "minutes per row on 2 cores.")
 _RESUME = flags.DEFINE_bool("resume", False, "Keep the rows already in the "
                             "results JSON and run only the missing ones.")
 _OUT = flags.DEFINE_string("out", os.path.join(_ROOT, "docs"),

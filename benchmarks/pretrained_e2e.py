@@ -163,6 +163,9 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]],
              ) -> str:
   """The results file: the trainer's figures, then the in-memory ones."""
   accuracy = report["accuracy"]
+  calibrated = ("compressed + calibration (BatchNorm + reconstruction)"
+                if report.get("calibration", {}).get("reconstruct")
+                else "compressed + BatchNorm calibration")
   lines = [
       "# Trainer end to end on the shared MobileNet-V1 0.75 "
       "(benchmarks/pretrained_e2e.py)", "",
@@ -181,8 +184,7 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]],
   ]
   for key, label in (("fp32", "FP32"),
                      ("compressed_before_finetune", "compressed, one shot"),
-                     ("calibrated_before_finetune",
-                      "compressed + BatchNorm calibration"),
+                     ("calibrated_before_finetune", calibrated),
                      ("compressed_after_finetune",
                       "compressed + calibration + finetuning")):
     figures = accuracy.get(key)

@@ -88,6 +88,11 @@ class PretrainedE2eBenchmarkTest(absltest.TestCase):
     self.assertIn("| 5e-05 (config) | 40.6% | 60.6% |", text)
     self.assertLess(text.index("| 0.0005 | 36.2%"), text.index("| 5e-05"))
     self.assertIn("| batchnorm | 41.0% | 66.0% | 21.40x |", text)
+    self.assertIn("| compressed + BatchNorm calibration | 40.0% |", text)
+    reconstructed = {**_report(0.406), "calibration": {"reconstruct": True}}
+    self.assertIn("| compressed + calibration (BatchNorm + reconstruction) "
+                  "| 40.0% |", pretrained_e2e.markdown(reconstructed, rows,
+                                                       context))
     self.assertIn("no row for p = 0.656",
                   pretrained_e2e.markdown(_report(0.4), [], context))
 
