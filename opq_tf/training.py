@@ -637,9 +637,13 @@ def _calibrate(qmodel: keras.Model, config: ml_collections.ConfigDict,
 
 
 def _calibration_summary(qmodel: keras.Model) -> dict[str, Any]:
-  """How many kernels calibrate reconstructed and whose biases it corrected."""
-  rows = qmodel.opq_calibration.kernels.values()
-  return {"batchnorm_layers": len(qmodel.opq_calibration.batchnorm_layers),
+  """How many kernels calibrate reconstructed and whose biases it corrected
+  (nothing when this process skipped calibration on a resumed run)."""
+  report = getattr(qmodel, "opq_calibration", None)
+  if report is None:
+    return {}
+  rows = report.kernels.values()
+  return {"batchnorm_layers": len(report.batchnorm_layers),
           "kernels_reconstructed": sum(r.method == "reconstructed" for r in rows),
           "biases_corrected": sum(r.bias_corrected for r in rows)}
 
