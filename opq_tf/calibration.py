@@ -518,17 +518,23 @@ def _reconstruct_kernel(model, reference, kernel: _Kernel,
   if layer_input is None or reference_input is None:
     return KernelCalibration("plain rounding",
                              "layer is called more than once (shared)")
-  prefixes = (keras.Model(model.inputs, layer_input),
-              keras.Model(reference.inputs, reference_input))
+  prefixes = [keras.Model(model.inputs, layer_input)]
+  if reference is not model:  # else Z = X: run the one network once
+    prefixes.append(keras.Model(reference.inputs, reference_input))
+
+  def inputs_and_targets(images):
+    inputs, *targets = [tf.cast(prefix(images, training=False), tf.float32)
+                        for prefix in prefixes]
+    return inputs, targets[0] if targets else inputs
+
   image_spec = tf.TensorSpec((None,) + batches[0].shape[1:], batches[0].dtype)
   input_spec = tf.TensorSpec((None,) + tuple(layer_input.shape[1:]),
                              tf.float32)
   # One trace each per kernel; concrete functions keep TF's retracing warning
   # (meant for accidental retracing) quiet.
   inputs_of = tf.function(
-      lambda images: [tf.cast(prefix(images, training=False), tf.float32)
-                      for prefix in prefixes],
-      input_signature=[image_spec], autograph=False).get_concrete_function()
+      inputs_and_targets, input_signature=[image_spec],
+      autograph=False).get_concrete_function()
   statistics_of = tf.function(
       functools.partial(_statistics, columns_of, target_columns_of),
       input_signature=[input_spec, input_spec]).get_concrete_function()
