@@ -4,8 +4,6 @@ Each refusal names the problem and the fix, and leaves the workdir unmade.
 """
 
 import os
-import shutil
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -25,26 +23,15 @@ import digits_data
 cpu_devices.split_cpu()
 
 
-class ChecksTest(parameterized.TestCase):
+class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = tempfile.mkdtemp()
     cls.one_device = distribute.make_strategy("one_device")
     cls.mirrored = distribute.make_strategy("mirrored")
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
     cls.fp32_weights = os.path.join(cls.root, "fp32.h5")
     models.build("small_resnet", 10, 32).save_weights(cls.fp32_weights)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
-
-  @classmethod
-  def workdir(cls, name):
-    return os.path.join(cls.root, name)
 
   @classmethod
   def config(cls, **overrides):
@@ -183,25 +170,18 @@ class ChecksTest(parameterized.TestCase):
                       self.workdir("never"), phase="compress")
 
 
-class UserModelChecksTest(parameterized.TestCase):
+class UserModelChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
   """config.model may name an applications constructor or a saved model."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = tempfile.mkdtemp()
     cls.one_device = distribute.make_strategy("one_device")
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
     cls.weights = os.path.join(cls.root, "mobilenet_025.h5")
     # A by-name .h5 of the bare constructor, as the shared MobileNet weights.
     keras.applications.MobileNet(
         alpha=0.25, weights=None, input_shape=(32, 32, 3), classes=10,
         classifier_activation=None).save_weights(cls.weights)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
 
   def config(self, **overrides):
     config = default.get_config()

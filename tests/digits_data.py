@@ -55,3 +55,7 @@ class DigitsTestCase:
   def tearDownClass(cls):
     shutil.rmtree(cls.root, ignore_errors=True)
     super().tearDownClass()
+
+  @classmethod
+  def workdir(cls, name: str) -> str:
+    return os.path.join(cls.root, name)

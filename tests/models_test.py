@@ -14,22 +14,13 @@ from opq_tf import layers
 from opq_tf import models
 from opq_tf import pretrained
 from opq_tf._keras import keras
+import model_inputs
 from opq_tf.wrapping import apply, compressed_kernels
 
 
 def _kernel_kinds(model):
   return collections.Counter(
       kernel.kind for kernel in layers.compressible_kernels(model).values())
-
-
-def _images(size, n=2, seed=0):
-  return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(
-      np.float32)
-
-
-def _small(num_classes=10, seed=0):
-  keras.utils.set_random_seed(seed)
-  return models.build("small_resnet", num_classes, 32)
 
 
 class BuildTest(parameterized.TestCase):
@@ -50,7 +41,7 @@ class BuildTest(parameterized.TestCase):
     kernels = layers.compressible_kernels(model).values()
     self.assertEqual(sum(kernel.values.size for kernel in kernels), weights)
     self.assertEqual(model.output_shape, (None, classes))
-    self.assertEqual(model(_images(size)).shape, (2, classes))
+    self.assertEqual(model(model_inputs.images(size)).shape, (2, classes))
 
   def test_alexnet_has_torchvisions_parameter_count(self):
     model = models.build("alexnet", 1000, 224)
@@ -78,12 +69,12 @@ class BuildTest(parameterized.TestCase):
     """The model's own first layers equal Keras' preprocess_input for it."""
     model = models.build(name, 10, 64)
     normalise = keras.Model(model.input, model.get_layer(last_layer).output)
-    images = _images(64)
+    images = model_inputs.images(64)
     np.testing.assert_allclose(normalise(images).numpy(),
                                preprocess(images.copy()), rtol=1e-5, atol=1e-4)
 
   def test_small_resnet_uses_synchronized_batchnorm(self):
-    norms = [l for l in _small().layers
+    norms = [l for l in model_inputs.small().layers
              if isinstance(l, keras.layers.BatchNormalization)]
     self.assertLen(norms, 10)
     self.assertTrue(all(l.synchronized for l in norms))
@@ -102,7 +93,7 @@ class BuildTest(parameterized.TestCase):
     entries = compressed_kernels(qmodel)
     self.assertLen(entries, 28)
     self.assertEqual(sum(e.kind == "DepthwiseConv2D" for e in entries), 13)
-    images = _images(32)
+    images = model_inputs.images(32)
     self.assertEqual(qmodel(images).shape, (2, 10))
 
 
@@ -151,7 +142,7 @@ class UserModelTest(parameterized.TestCase):
     self.assertEqual(model.output_shape, (None, 10))
     # Logits, like the built-ins (the trainers' loss takes logits).
     self.assertEqual(backbone.layers[-1].activation.__name__, "linear")
-    images = _images(32)
+    images = model_inputs.images(32)
     scaled = keras.Model(model.input, model.layers[-2].output)(images)
     np.testing.assert_allclose(scaled.numpy(),
                                _preprocess_input(images, preprocessing),
@@ -168,7 +159,7 @@ class UserModelTest(parameterized.TestCase):
     model = models.build("applications.MobileNet", 10, 32,
                          model_options={"alpha": 0.25}, preprocessing="tf")
     pretrained.load(model, path)
-    images = _images(32)
+    images = model_inputs.images(32)
     np.testing.assert_allclose(
         model(images).numpy(), bare(_preprocess_input(images, "tf")).numpy(),
         rtol=1e-4, atol=1e-4)
@@ -183,7 +174,7 @@ class UserModelTest(parameterized.TestCase):
     path = os.path.join(self.root, file_name)
     user.save(path, save_format=None if "." in file_name else "tf")
     model = models.build(prefix + path, 5, 16, preprocessing="torch")
-    images = _images(16, n=3)
+    images = model_inputs.images(16, n=3)
     expected = user(_preprocess_input(images, "torch")).numpy()
     np.testing.assert_allclose(model(images).numpy(), expected, rtol=1e-4,
                                atol=1e-4)
@@ -205,7 +196,7 @@ class UserModelTest(parameterized.TestCase):
                          model_options='{"alpha": 0.25}', preprocessing="tf")
     qmodel = apply(model, pruning_rate=0.5, bits=4)
     self.assertLen(compressed_kernels(qmodel), 28)
-    self.assertEqual(qmodel(_images(32)).shape, (2, 10))
+    self.assertEqual(qmodel(model_inputs.images(32)).shape, (2, 10))
 
   @parameterized.named_parameters(
       ("unknown_constructor", "applications.MobileNetV9", "{}", "none",

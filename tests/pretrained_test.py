@@ -10,17 +10,8 @@ import numpy as np
 
 from opq_tf import models
 from opq_tf import pretrained
-from opq_tf._keras import keras, tf
-
-
-def _images(size, n=2, seed=0):
-  return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(
-      np.float32)
-
-
-def _small(num_classes=10, seed=0):
-  keras.utils.set_random_seed(seed)
-  return models.build("small_resnet", num_classes, 32)
+from opq_tf._keras import tf
+import model_inputs
 
 
 class LoadPretrainedTest(parameterized.TestCase):
@@ -29,8 +20,8 @@ class LoadPretrainedTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
-    cls.source = _small(seed=1)
-    cls.wrong = _small(num_classes=7, seed=2)
+    cls.source = model_inputs.small(seed=1)
+    cls.wrong = model_inputs.small(num_classes=7, seed=2)
     cls.paths, cls.wrong_paths = {}, {}
     for kind in ("legacy_h5", "v3_weights_h5", "tf_prefix", "checkpoint",
                  "saved_model"):
@@ -62,19 +53,19 @@ class LoadPretrainedTest(parameterized.TestCase):
   @parameterized.parameters("legacy_h5", "v3_weights_h5", "tf_prefix",
                             "checkpoint", "saved_model")
   def test_round_trip(self, kind):
-    model = _small(seed=3)
+    model = model_inputs.small(seed=3)
     self.assertIs(pretrained.load(model, self.paths[kind]), model)
     for expected, actual in zip(self.source.weights, model.weights):
       np.testing.assert_array_equal(expected.numpy(), actual.numpy(),
                                     err_msg=actual.name)
-    images = _images(32)
+    images = model_inputs.images(32)
     np.testing.assert_allclose(model(images), self.source(images), rtol=1e-5,
                                atol=1e-5)
 
   @parameterized.parameters("legacy_h5", "v3_weights_h5", "tf_prefix",
                             "checkpoint", "saved_model")
   def test_shape_mismatch_names_layer_and_shapes(self, kind):
-    model = _small(seed=3)
+    model = model_inputs.small(seed=3)
     before = [w.numpy() for w in model.weights]
     with self.assertRaises(ValueError) as caught:
       pretrained.load(model, self.wrong_paths[kind])
@@ -87,18 +78,18 @@ class LoadPretrainedTest(parameterized.TestCase):
 
   def test_missing_file(self):
     with self.assertRaisesRegex(ValueError, "do not exist"):
-      pretrained.load(_small(), os.path.join(self.root, "nope.h5"))
+      pretrained.load(model_inputs.small(), os.path.join(self.root, "nope.h5"))
 
   def test_other_architecture(self):
     other = models.build("alexnet", 10, 63)
     path = os.path.join(self.root, "alexnet.h5")
     other.save_weights(path)
     with self.assertRaisesRegex(ValueError, "no layer"):
-      pretrained.load(_small(), path)
+      pretrained.load(model_inputs.small(), path)
 
   def test_imagenet_needs_a_keras_application_at_224(self):
     with self.assertRaisesRegex(ValueError, "no ImageNet weights"):
-      pretrained.load(_small(), "imagenet")
+      pretrained.load(model_inputs.small(), "imagenet")
     with self.assertRaisesRegex(ValueError, "image_size 224"):
       pretrained.load(models.build("mobilenet_v1", 1000, 64), "imagenet")
 
@@ -107,7 +98,7 @@ class LoadPretrainedTest(parameterized.TestCase):
     path = os.path.join(directory, "weights.h5")
     pretrained.save(self.source, path)
     self.assertEqual(os.listdir(directory), ["weights.h5"])
-    model = _small(seed=3)
+    model = model_inputs.small(seed=3)
     pretrained.load(model, path)
     for expected, actual in zip(self.source.weights, model.weights):
       np.testing.assert_array_equal(expected.numpy(), actual.numpy())

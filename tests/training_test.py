@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -74,26 +73,16 @@ def _masks(config, weights_path: str, workdir: str, checkpoint: str = ""
   return {k.key: k.mask for k in compressed_kernels(qmodel)}
 
 
-class TrainingTest(tf.test.TestCase, parameterized.TestCase):
+class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
+                   parameterized.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = tempfile.mkdtemp()
     cls.one_device = distribute.make_strategy("one_device")
     cls.mirrored = distribute.make_strategy("mirrored")
-    cls.manual_dir, cls.data_dir = digits_data.dirs()
     cls.fp32 = training.train_fp32(cls.config(), cls.workdir("fp32_one"),
                                    cls.one_device)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root, ignore_errors=True)
-    super().tearDownClass()
-
-  @classmethod
-  def workdir(cls, name):
-    return os.path.join(cls.root, name)
 
   @classmethod
   def config(cls, **overrides):
