@@ -44,20 +44,20 @@ import numpy as np  # noqa: E402
 from benchmarks import tfmot_baselines  # noqa: E402
 from configs import default as default_config  # noqa: E402
 import opq_tf  # noqa: E402
-from opq_tf import distribute  # noqa: E402
-from opq_tf import files  # noqa: E402
-from opq_tf import grid  # noqa: E402
-from opq_tf import imagenet_input  # noqa: E402
-from opq_tf import imagenet_manual  # noqa: E402
-from opq_tf import layers as layers_lib  # noqa: E402
-from opq_tf import models  # noqa: E402
-from opq_tf import pretrained  # noqa: E402
-from opq_tf import training  # noqa: E402
-from opq_tf import wrapping  # noqa: E402
-from opq_tf._keras import keras, tf, tfmot  # noqa: E402
+from opq_tf.training import distribute  # noqa: E402
+from opq_tf.core import files  # noqa: E402
+from opq_tf.core import grid  # noqa: E402
+from opq_tf.training import imagenet_input  # noqa: E402
+from opq_tf.training import imagenet_manual  # noqa: E402
+from opq_tf.tf_keras import layers as layers_lib  # noqa: E402
+from opq_tf.training import models  # noqa: E402
+from opq_tf.training import pretrained  # noqa: E402
+from opq_tf.training import training  # noqa: E402
+from opq_tf.tf_keras import wrapping  # noqa: E402
+from opq_tf.tf_keras._keras import keras, tf, tfmot  # noqa: E402
 
-try:  # Being written alongside this benchmark (opq_tf/calibration.py).
-  from opq_tf import calibration  # noqa: E402
+try:  # Being written alongside this benchmark (opq_tf/tf_keras/calibration.py).
+  from opq_tf.tf_keras import calibration  # noqa: E402
 except ImportError:  # pragma: no cover
   calibration = None
 
@@ -575,7 +575,7 @@ def main(argv):
         f"--epochs={epochs}: tfmot needs at least 2 (one pruning epoch, one "
         "QAT epoch); pass --epochs=2 or more.")
   if FLAGS.calibrate and calibration is None:
-    raise app.UsageError("opq_tf.calibration.calibrate is not importable; "
+    raise app.UsageError("opq_tf.tf_keras.calibration.calibrate is not importable; "
                          "pass --nocalibrate.")
   strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_devices)
   os.makedirs(FLAGS.workdir, exist_ok=True)

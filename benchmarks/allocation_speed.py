@@ -17,9 +17,9 @@ from absl import app
 from absl import flags
 
 import opq_tf
-from opq_tf import laplace
-from opq_tf import layers
-from opq_tf import models
+from opq_tf.core import laplace
+from opq_tf.tf_keras import layers
+from opq_tf.training import models
 
 _CONFIGS = flags.DEFINE_list("configs", ["resnet50", "mobilenet_v1"],
                              "configs/<name>.py whose model to allocate.")

@@ -1,6 +1,6 @@
 """Throughput of the TFDS imagenet2012 training pipeline, in images per second.
 
-By default the digits stand-in (opq_tf.digits_imagenet) is built and prepared
+By default the digits stand-in (opq_tf.training.digits_imagenet) is built and prepared
 in a temporary directory; pass --data_dir (already prepared, or with
 --manual_dir to prepare it) to measure real ImageNet. The pipeline is the one
 training uses (make_dataset_fn(train=True): file shuffle, shuffle, repeat,
@@ -22,10 +22,10 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from opq_tf import digits_imagenet
-from opq_tf import imagenet_input
-from opq_tf import imagenet_manual
-from opq_tf._keras import tf
+from opq_tf.training import digits_imagenet
+from opq_tf.training import imagenet_input
+from opq_tf.training import imagenet_manual
+from opq_tf.tf_keras._keras import tf
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "TFDS data_dir; default: a temporary one with digits."

@@ -27,9 +27,9 @@ from absl import flags
 import numpy as np
 
 import opq_tf
-from opq_tf import files
-from opq_tf import litert
-from opq_tf._keras import keras, tf, tfmot
+from opq_tf.core import files
+from opq_tf.tf_keras import litert
+from opq_tf.tf_keras._keras import keras, tf, tfmot
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer runs and images (~5 min).")
 _MODELS = flags.DEFINE_list(

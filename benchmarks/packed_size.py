@@ -2,7 +2,7 @@
 
 Usage: python -m benchmarks.packed_size [--configs=mobilenet_v1,resnet50]
 
-Each config's model (`opq_tf.models.build(config.model, ...)`, weights at
+Each config's model (`opq_tf.training.models.build(config.model, ...)`, weights at
 their initialisation, since no pre-trained weights can be downloaded here) is
 compressed with the config's settings (pruning_rate, bits, method, objective,
 step granularity), exported with opq_tf.export, and the report's three size
@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 
 import opq_tf
-from opq_tf import models
+from opq_tf.training import models
 
 _CONFIGS = flags.DEFINE_list("configs", ["mobilenet_v1", "resnet50"],
                              "configs/<name>.py whose model to export.")

@@ -48,10 +48,10 @@ from absl import logging
 import numpy as np
 
 import opq_tf
-from opq_tf import files
-from opq_tf import grid
-from opq_tf import layers
-from opq_tf._keras import keras, tf, tfmot
+from opq_tf.core import files
+from opq_tf.core import grid
+from opq_tf.tf_keras import layers
+from opq_tf.tf_keras._keras import keras, tf, tfmot
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 _DEFAULT_DATA = os.path.join(_ROOT, os.pardir, "shared", "data",

@@ -24,8 +24,8 @@ train split (calibration and finetuning), the last 500 the validation split.
                                TFDS's validation_labels.txt with that wnid
 
 The JPEG bytes are copied as they are (no re-encoding). A partial val tar is
-fine: opq_tf.imagenet_input labels validation images by file name (see
-opq_tf/imagenet_manual.py). Where ../shared is absent the benchmark says so
+fine: opq_tf.training.imagenet_input labels validation images by file name (see
+opq_tf/training/imagenet_manual.py). Where ../shared is absent the benchmark says so
 and exits 0.
 """
 
@@ -45,7 +45,7 @@ from typing import Any, Optional, Sequence
 from absl import app
 from absl import flags
 
-from opq_tf import imagenet_manual
+from opq_tf.training import imagenet_manual
 
 _ROOT = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), os.pardir))

@@ -51,14 +51,14 @@ import ml_collections
 import numpy as np
 
 from benchmarks import tfmot_baselines
-from opq_tf import allocation
-from opq_tf import distribute
-from opq_tf import files
-from opq_tf import models
-from opq_tf import training
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf, tfmot
-from opq_tf.quantizers import OPQWeightQuantizer
+import opq_tf
+from opq_tf.training import distribute
+from opq_tf.core import files
+from opq_tf.training import models
+from opq_tf.training import training
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf, tfmot
+from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_OUTPUT = os.path.join(_REPO, "docs", "step_time_results.md")
@@ -184,11 +184,14 @@ def _build_variants(config: ml_collections.ConfigDict, image_size: int,
   with strategy.scope():
     base = models.build(config.model, config.num_classes, image_size)
 
+  plans = []
+
   def opq():
-    plan = allocation.allocate(
+    plan = opq_tf.allocate(
         base, config.pruning_rate, config.bits, method=config.method,
         objective=config.objective, step_granularity=config.step_granularity,
         step_stats=config.step_stats)
+    plans.append(plan)
     return wrapping.apply(base, plan,
                           quantize_activations=config.quantize_activations)
 
@@ -217,7 +220,7 @@ def _build_variants(config: ml_collections.ConfigDict, image_size: int,
                  time.perf_counter() - start)
   notes["parameters"] = base.count_params()
   if "opq" in built:
-    plan = built["opq"].opq_plan
+    plan = plans[-1]
     notes["plan"] = {"kernels": len(plan.kernels),
                      "weights": plan.total_weights,
                      "realised_pruning_rate": plan.realised_pruning_rate,

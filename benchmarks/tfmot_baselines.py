@@ -9,13 +9,13 @@ The flow is tfmot's documented one (prune_low_magnitude, strip_pruning,
 quantize_annotate, quantize_apply). Two choices make it run on the product's
 models, and both leave tfmot's behaviour on the layers OPQ compresses intact:
 
-* Only the layers OPQ compresses (the classes in opq_tf.layers.KERNELS) are
+* Only the layers OPQ compresses (the classes in opq_tf.tf_keras.layers.KERNELS) are
   wrapped, as the per-layer `prune_low_magnitude(layer)` and
   `quantize_annotate_layer(layer)` calls of tfmot's guides do. Whole-model
   wrapping refuses the models' own input normalisation (Rescaling,
   Normalization, ReverseChannels), and the comparison is about the kernels.
 * Nested Functional submodels (keras.applications backbones) are inlined by
-  `opq_tf.flatten` first, which tfmot cannot do itself; `opq_tf.apply` does
+  `opq_tf.tf_keras.flatten` first, which tfmot cannot do itself; `opq_tf.apply` does
   the same.
 
 Weights: B = 8 uses `Default8BitPrunePreserveQuantizeScheme` (PQAT: the
@@ -34,11 +34,11 @@ from typing import Mapping
 
 import numpy as np
 
-from opq_tf import grid
-from opq_tf import layers as layers_lib
-from opq_tf import packing
-from opq_tf._keras import keras, tf, tfmot
-from opq_tf.flatten import flatten
+from opq_tf.core import grid
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.core import packing
+from opq_tf.tf_keras._keras import keras, tf, tfmot
+from opq_tf.tf_keras.flatten import flatten
 
 _sparsity = tfmot.sparsity.keras
 _quantization = tfmot.quantization.keras
@@ -222,7 +222,7 @@ def final_kernels(qmodel: keras.Model) -> dict[str, tuple]:
 
   Runs each wrapper's own weight quantizer in inference mode on its latent
   kernel; a symmetric narrow-range B-bit quantizer's scale is max / K. Keys
-  are `opq_tf.layers.weight_key`s of the wrapped layer.
+  are `opq_tf.tf_keras.layers.weight_key`s of the wrapped layer.
   """
   final = {}
   for layer in qmodel.layers:

@@ -4,7 +4,7 @@ r"""OPQ on AlexNet / ImageNet: the paper's finetuning recipe, B = 4, p = 0.942.
         --workdir=/tmp/opq_alexnet --config.pretrained=/ckpt/alexnet_fp32.h5 \
         --config.data_dir=/data/tfds --config.manual_dir=/data/ILSVRC2012
 
-The model is torchvision's single-tower AlexNet (opq_tf/models.py, 61.1 M
+The model is torchvision's single-tower AlexNet (opq_tf/training/models.py, 61.1 M
 parameters, 96 % of them in fc6-fc8).
 
 Compression (method doc, part C): the paper's 138.96x, read as a weight-bits
@@ -17,7 +17,7 @@ going from 4 to 3 bits halves the grid (15 -> 7 levels) for the small conv
 layers whose error matters most; B = 5 would need 95.4 %.
 
 Finetuning (paper): global batch 256, SGD momentum 0.9, weight decay 1e-4,
-lr 0.005; coupled L2 on the kernels (see opq_tf/training.py). Schedule (our
+lr 0.005; coupled L2 on the kernels (see opq_tf/training/training.py). Schedule (our
 choice, the paper gives none here): 20 epochs, 1-epoch linear warmup, cosine
 decay to 0 (reasons in configs/resnet50.py).
 

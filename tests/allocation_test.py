@@ -9,7 +9,7 @@ from absl.testing import parameterized
 import numpy as np
 
 import opq_tf
-from opq_tf import laplace
+from opq_tf.core import laplace
 
 
 def _kernels(seed=0):
@@ -344,7 +344,7 @@ class BadInputTest(parameterized.TestCase):
       opq_tf.allocate({"a/kernel": np.zeros((4, 4))}, 0.5, 4)
 
   def test_not_a_model(self):
-    with self.assertRaisesRegex(TypeError, "tf_keras model or a mapping"):
+    with self.assertRaisesRegex(TypeError, "needs a Keras model"):
       opq_tf.allocate([np.ones(3)], 0.5, 4)
 
 

@@ -8,10 +8,12 @@ from absl.testing import parameterized
 import numpy as np
 
 import opq_tf
-from opq_tf import calibration
-from opq_tf import grid
+from opq_tf.core import reconstruction
+from opq_tf.tf_keras import calibration
+from opq_tf.tf_keras import wrapping
+from opq_tf.core import grid
 import cpu_devices
-from opq_tf._keras import keras, tf
+from opq_tf.tf_keras._keras import keras, tf
 
 cpu_devices.split_cpu()
 
@@ -48,9 +50,19 @@ def _trained(model_fn, steps=5) -> keras.Model:
   return model
 
 
+# id(stripped model) -> the CompressedKernels of the wrapped model it came
+# from, which calibrate needs for a plain model (`kernels=`).
+_KERNELS = {}
+
+
+def _calibrate(model, data, **options):
+  return calibration.calibrate(model, data, kernels=_KERNELS.get(id(model)),
+                               **options)
+
+
 def _strip(qmodel) -> keras.Model:
   stripped = opq_tf.strip(qmodel)
-  assert stripped.opq_kernels, "strip records the kernels calibrate needs"
+  _KERNELS[id(stripped)] = wrapping.compressed_kernels(qmodel)
   return stripped
 
 
@@ -61,7 +73,7 @@ def _weights(model) -> list[np.ndarray]:
 def _kernel_state(model) -> dict:
   """key -> (compressed kernel as the model uses it, mask, step, bits)."""
   state = {}
-  for kernel in calibration._compressed_kernels(model):  # pylint: disable=protected-access
+  for kernel in calibration._compressed_kernels(model, _KERNELS.get(id(model))):  # pylint: disable=protected-access
     if kernel.wrapped:
       wrapper = kernel.node_layer
       index = wrapper.quantize_config.weight_attrs.index(kernel.attr)
@@ -116,9 +128,8 @@ class BatchNormTest(parameterized.TestCase):
                      for layer in model.layers
                      if isinstance(layer, keras.layers.BatchNormalization)}
 
-    returned = calibration.calibrate(model, images, batch_size=40)
+    model_report = _calibrate(model, images, batch_size=40)
 
-    self.assertIs(returned, model)
     for name, (mean, variance) in expected.items():
       layer = model.get_layer(name)
       np.testing.assert_allclose(layer.moving_mean.numpy(), mean,
@@ -133,9 +144,9 @@ class BatchNormTest(parameterized.TestCase):
       if "moving_" not in weight.name:
         np.testing.assert_array_equal(weight.numpy(), value,
                                       err_msg=weight.name)
-    self.assertEqual(model.opq_calibration.batchnorm_layers,
+    self.assertEqual(model_report.batchnorm_layers,
                      ("bn", "bn_depthwise", "bn_dense"))
-    self.assertEqual(model.opq_calibration.kernels, {})
+    self.assertEqual(model_report.kernels, {})
 
   @parameterized.named_parameters(
       ("array", lambda x, y: x),
@@ -148,15 +159,15 @@ class BatchNormTest(parameterized.TestCase):
   def test_data_forms_give_the_same_statistics(self, make_data):
     reference = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
     images, labels = _images(90), np.arange(90) % 3
-    calibration.calibrate(reference, images, max_images=64)
+    _calibrate(reference, images, max_images=64)
     expected = _weights(reference)
 
     model = opq_tf.apply(_trained(_bn_model), pruning_rate=0.6, bits=3)
     for weight, value in zip(model.weights, _weights(reference)):
       weight.assign(value)
-    calibration.calibrate(model, make_data(images, labels), max_images=64)
+    model_report = _calibrate(model, make_data(images, labels), max_images=64)
 
-    self.assertEqual(model.opq_calibration.images, 64)
+    self.assertEqual(model_report.images, 64)
     for got, want in zip(_weights(model), expected):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -168,7 +179,7 @@ class BatchNormTest(parameterized.TestCase):
     before = _weights(qmodel)
 
     with self.assertWarnsRegex(UserWarning, "no BatchNormalization"):
-      self.assertIs(calibration.calibrate(qmodel, _images(20)), qmodel)
+      _calibrate(qmodel, _images(20))
 
     for got, want in zip(_weights(qmodel), before):
       np.testing.assert_array_equal(got, want)
@@ -250,12 +261,12 @@ class ReconstructTest(parameterized.TestCase):
     plain_error = _output_error(fp32_model, qmodel, images)
     before = _kernel_state(qmodel)
 
-    calibration.calibrate(qmodel, images, batchnorm=False, reconstruct=True)
+    qmodel_report = _calibrate(qmodel, images, batchnorm=False, reconstruct=True)
 
     self._assert_compressed(before, _kernel_state(qmodel))
     error = _output_error(fp32_model, qmodel, images)
     self.assertLess(error, 0.9 * plain_error)
-    rows = qmodel.opq_calibration.kernels
+    rows = qmodel_report.kernels
     self.assertTrue(all(row.method == "reconstructed"
                         for row in rows.values()), rows)
     if len(rows) == 1:  # the reported errors are the layer's, via im2col H.
@@ -271,9 +282,9 @@ class ReconstructTest(parameterized.TestCase):
     for patch_bytes in (calibration._PATCH_BYTES, 1):  # pylint: disable=protected-access
       qmodel = opq_tf.apply(fp32_model, pruning_rate=0.5, bits=3)
       with mock.patch.object(calibration, "_PATCH_BYTES", patch_bytes):
-        calibration.calibrate(qmodel, images, batchnorm=False,
+        qmodel_report = _calibrate(qmodel, images, batchnorm=False,
                               reconstruct=True)
-      (row,) = qmodel.opq_calibration.kernels.values()
+      (row,) = qmodel_report.kernels.values()
       reports.append(row)
     self.assertEqual(reports[0].samples_per_weight,
                      reports[1].samples_per_weight)
@@ -289,20 +300,20 @@ class ReconstructTest(parameterized.TestCase):
     images = _correlated_inputs(200, (8, 8, 3))
     before = _kernel_state(stripped)
     self.assertEqual(step_granularity == "channel",
-                     np.ndim(stripped.opq_kernels[0].step) > 0)
+                     np.ndim(_KERNELS[id(stripped)][0].step) > 0)
 
-    calibration.calibrate(stripped, images, reconstruct=True)
-    calibration.calibrate(qmodel, images, reconstruct=True)
+    stripped_report = _calibrate(stripped, images, reconstruct=True)
+    qmodel_report = _calibrate(qmodel, images, reconstruct=True)
 
     self._assert_compressed(before, _kernel_state(stripped))
     self._assert_compressed(before, _kernel_state(qmodel))
-    rows = stripped.opq_calibration.kernels
+    rows = stripped_report.kernels
     for key, row in rows.items():
       self.assertLessEqual(row.error_after, row.error_before, key)
     self.assertLess(rows["conv/kernel"].error_after,
                     0.9 * rows["conv/kernel"].error_before)
     # The same computation as on the wrapped model.
-    self.assertEqual(qmodel.opq_calibration, stripped.opq_calibration)
+    self.assertEqual(qmodel_report, stripped_report)
     wrapped_state = _kernel_state(qmodel)
     for key, (kernel, *_) in _kernel_state(stripped).items():
       np.testing.assert_array_equal(kernel, wrapped_state[key][0], key)
@@ -315,11 +326,11 @@ class ReconstructTest(parameterized.TestCase):
     before = _kernel_state(qmodel)
     # 40 images: "dense" (16 inputs) sees 2.5 samples per input weight < 4,
     # "logits" (8 inputs) 5.
-    calibration.calibrate(qmodel, _correlated_inputs(40, (8, 8, 3)),
+    qmodel_report = _calibrate(qmodel, _correlated_inputs(40, (8, 8, 3)),
                           reconstruct=True)
 
     after = _kernel_state(qmodel)
-    rows = qmodel.opq_calibration.kernels
+    rows = qmodel_report.kernels
     self.assertEqual(rows["dense/kernel"].method, "plain rounding")
     self.assertIn("samples per input weight", rows["dense/kernel"].reason)
     self.assertEqual(rows["dense/kernel"].samples_per_weight, 2.5)
@@ -343,14 +354,14 @@ class ReconstructTest(parameterized.TestCase):
     self.assertGreater(np.abs(mean_shift()).max(), 0.05 * scale)
     plain_error = _output_error(fp32_model, qmodel, features)
 
-    calibration.calibrate(qmodel, features, batchnorm=False, reconstruct=True)
+    qmodel_report = _calibrate(qmodel, features, batchnorm=False, reconstruct=True)
 
     np.testing.assert_array_equal(_kernel_state(qmodel)["head/kernel"][0],
                                   kernel_before)
     self.assertLess(np.abs(mean_shift()).max(), 1e-4 * scale)
-    row = qmodel.opq_calibration.kernels["head/kernel"]
+    row = qmodel_report.kernels["head/kernel"]
     self.assertEqual((row.method, row.bias_corrected), ("plain rounding", True))
-    self.assertIn("+ bias", qmodel.opq_calibration.table())
+    self.assertIn("+ bias", qmodel_report.table())
     error = _output_error(fp32_model, qmodel, features)
     self.assertLess(error, 0.9 * plain_error)
     self.assertAlmostEqual(row.error_before, plain_error,
@@ -382,9 +393,9 @@ class ReconstructTest(parameterized.TestCase):
         np.trace((weights - kernel).T @ hessian @ (weights - kernel))
         / np.trace(weights.T @ hessian @ weights))
 
-    calibration.calibrate(qmodel, images, batchnorm=False, reconstruct=True)
+    qmodel_report = _calibrate(qmodel, images, batchnorm=False, reconstruct=True)
 
-    row = qmodel.opq_calibration.kernels["d/kernel"]
+    row = qmodel_report.kernels["d/kernel"]
     self.assertEqual(row.method, "reconstructed")
     self.assertLess(row.error_after, 3 * error_of(optimum))
     self.assertLess(error_of(optimum), 0.05 * row.error_before)
@@ -407,7 +418,7 @@ class ReconstructTest(parameterized.TestCase):
                        else keras.models.clone_model)):
         with warnings.catch_warnings():
           warnings.simplefilter("ignore")
-          calibration.calibrate(qmodel, images, batchnorm=False,
+          _calibrate(qmodel, images, batchnorm=False,
                                 reconstruct=True)
       reference = fp32_model(images).numpy()
       errors[targets] = float(np.sum((qmodel(images).numpy() - reference)**2)
@@ -423,10 +434,10 @@ class ReconstructTest(parameterized.TestCase):
     with mock.patch.object(keras.models, "clone_model",
                            side_effect=ValueError("no get_config")):
       with self.assertWarnsRegex(UserWarning, "could not copy.*no get_config"):
-        calibration.calibrate(qmodel, images, reconstruct=True)
+        qmodel_report = _calibrate(qmodel, images, reconstruct=True)
 
     self._assert_compressed(before, _kernel_state(qmodel))
-    row = qmodel.opq_calibration.kernels["conv/kernel"]
+    row = qmodel_report.kernels["conv/kernel"]
     self.assertEqual(row.method, "reconstructed")
     self.assertLess(row.error_after, 0.9 * row.error_before)
 
@@ -434,7 +445,7 @@ class ReconstructTest(parameterized.TestCase):
     fp32 = _trained(_bn_model)
     images = _images(100)
     single = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
-    calibration.calibrate(single, images, reconstruct=True)
+    _calibrate(single, images, reconstruct=True)
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     self.assertEqual(strategy.num_replicas_in_sync, 2)
@@ -442,7 +453,7 @@ class ReconstructTest(parameterized.TestCase):
       mirrored_fp32 = _bn_model()
       mirrored_fp32.set_weights(fp32.get_weights())
       mirrored = opq_tf.apply(mirrored_fp32, pruning_rate=0.6, bits=3)
-      calibration.calibrate(mirrored, images, reconstruct=True)
+      _calibrate(mirrored, images, reconstruct=True)
 
     self.assertIsInstance(mirrored.get_layer("bn").moving_mean,
                           tf.distribute.DistributedValues)
@@ -468,7 +479,7 @@ class MaskedLeastSquaresTest(parameterized.TestCase):
     rhs = random.normal(size=(groups, rows, width))
     mask = random.uniform(size=weights.shape) < 0.6
 
-    got = calibration._masked_least_squares(weights, rhs, hessian, mask)  # pylint: disable=protected-access
+    got = reconstruction.masked_least_squares(weights, rhs, hessian, mask)  # pylint: disable=protected-access
 
     np.testing.assert_array_equal(got[~mask], 0.0)
     for g in range(groups):
@@ -507,21 +518,18 @@ class ErrorTest(parameterized.TestCase):
                           bits=3)
     before = _weights(qmodel)
     with self.assertRaisesRegex(error, message):
-      calibration.calibrate(qmodel, make_data(), reconstruct=True)
+      _calibrate(qmodel, make_data(), reconstruct=True)
     for got, want in zip(_weights(qmodel), before):
       np.testing.assert_array_equal(got, want)
-    self.assertFalse(hasattr(qmodel, "opq_calibration"))
 
   @parameterized.named_parameters(("fp32", False), ("stripped_bare", True))
   def test_model_never_applied(self, stripped_bare):
     model = _bn_model()
-    if stripped_bare:  # a plain model without strip's opq_kernels record
+    if stripped_bare:  # a plain model, calibrated without its kernels
       model = opq_tf.strip(opq_tf.apply(model, pruning_rate=0.5, bits=4))
-      if hasattr(model, "opq_kernels"):
-        del model.opq_kernels
     before = _weights(model)
     with self.assertRaisesRegex(ValueError, r"never applied.*opq_tf\.apply"):
-      calibration.calibrate(model, _images(10))
+      _calibrate(model, _images(10))
     for got, want in zip(_weights(model), before):
       np.testing.assert_array_equal(got, want)
 
@@ -533,13 +541,13 @@ class ErrorTest(parameterized.TestCase):
   def test_bad_options(self, options, message):
     qmodel = opq_tf.apply(_bn_model(), pruning_rate=0.5, bits=4)
     with self.assertRaisesRegex(ValueError, message):
-      calibration.calibrate(qmodel, _images(10), **options)
+      _calibrate(qmodel, _images(10), **options)
 
   def test_failure_half_way_restores_every_variable(self):
     qmodel = opq_tf.apply(_trained(_bn_model, steps=1), pruning_rate=0.6,
                           bits=3)
     before = _weights(qmodel)
-    real = calibration._error_feedback_rounding  # pylint: disable=protected-access
+    real = reconstruction.error_feedback_rounding  # pylint: disable=protected-access
     calls = []
 
     def fail_on_third(*args, **kwargs):
@@ -548,10 +556,10 @@ class ErrorTest(parameterized.TestCase):
         raise MemoryError("out of memory")
       return real(*args, **kwargs)
 
-    with mock.patch.object(calibration, "_error_feedback_rounding",
+    with mock.patch.object(reconstruction, "error_feedback_rounding",
                            fail_on_third):
       with self.assertRaises(MemoryError):
-        calibration.calibrate(qmodel, _images(100), reconstruct=True)
+        _calibrate(qmodel, _images(100), reconstruct=True)
     self.assertLen(calls, 3)  # BN and two kernels had changed by then
     for got, want in zip(_weights(qmodel), before):
       np.testing.assert_array_equal(got, want)

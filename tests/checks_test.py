@@ -1,4 +1,4 @@
-"""Tests for opq_tf.checks: every bad input is refused before anything runs.
+"""Tests for opq_tf.training.checks: every bad input is refused before anything runs.
 
 Each refusal names the problem and the fix, and leaves the workdir unmade.
 """
@@ -9,13 +9,14 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from configs import default
-from opq_tf import allocation
-from opq_tf import checks
-from opq_tf import distribute
-from opq_tf import grid
-from opq_tf import models
-from opq_tf import training
-from opq_tf._keras import keras
+import opq_tf
+from opq_tf.core import allocation
+from opq_tf.training import checks
+from opq_tf.training import distribute
+from opq_tf.core import grid
+from opq_tf.training import models
+from opq_tf.training import training
+from opq_tf.tf_keras._keras import keras
 import cpu_devices
 import digits_data
 
@@ -146,7 +147,7 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
     workdir = self.workdir("other_plan")
     os.makedirs(workdir)
     model = models.build("small_resnet", 10, 32)
-    plan = allocation.allocate(model, 0.5, 3)
+    plan = opq_tf.allocate(model, 0.5, 3)
     with open(os.path.join(workdir, training.PLAN_FILE), "w") as f:
       f.write(plan.to_json())
     config = self.config(pretrained=self.fp32_weights)

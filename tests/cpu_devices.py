@@ -1,6 +1,6 @@
 """Two logical CPU devices, so MirroredStrategy tests have two replicas."""
 
-from opq_tf._keras import tf
+from opq_tf.tf_keras._keras import tf
 
 
 def split_cpu(count: int = 2) -> None:

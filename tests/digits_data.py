@@ -11,8 +11,8 @@ import os
 import shutil
 import tempfile
 
-from opq_tf import digits_imagenet
-from opq_tf import imagenet_manual
+from opq_tf.training import digits_imagenet
+from opq_tf.training import imagenet_manual
 
 IMAGE_SIZE = 32
 # Record files per split: as many as the trainers prepare the digits with

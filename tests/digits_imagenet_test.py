@@ -1,4 +1,4 @@
-"""Tests for opq_tf.digits_imagenet: the ILSVRC-shaped digits manual_dir."""
+"""Tests for opq_tf.training.digits_imagenet: the ILSVRC-shaped digits manual_dir."""
 
 import hashlib
 import io
@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from opq_tf import digits_imagenet
-from opq_tf import imagenet_manual
+from opq_tf.training import digits_imagenet
+from opq_tf.training import imagenet_manual
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +149,7 @@ class DigitsImagenetTest(parameterized.TestCase):
   def test_main_writes_the_tars(self):
     target = os.path.join(self.root, "cli")
     result = subprocess.run(
-        [sys.executable, "-m", "opq_tf.digits_imagenet",
+        [sys.executable, "-m", "opq_tf.training.digits_imagenet",
          f"--manual_dir={target}", "--image_size=12", "--val_per_class=3"],
         cwd=_REPO, capture_output=True, text=True, timeout=120, check=False,
     )

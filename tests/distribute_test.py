@@ -1,13 +1,13 @@
-"""Tests for opq_tf.distribute: strategies, the chief, barriers."""
+"""Tests for opq_tf.training.distribute: strategies, the chief, barriers."""
 
 import types
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from opq_tf import distribute
+from opq_tf.training import distribute
 import cpu_devices
-from opq_tf._keras import tf
+from opq_tf.tf_keras._keras import tf
 
 
 cpu_devices.split_cpu()

@@ -20,15 +20,15 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from opq_tf import allocation
-from opq_tf import imagenet_input
-from opq_tf import imagenet_manual
-from opq_tf import layers
-from opq_tf import models
-from opq_tf import pretrained
+from opq_tf.core import allocation
+from opq_tf.training import imagenet_input
+from opq_tf.training import imagenet_manual
+from opq_tf.tf_keras import layers
+from opq_tf.training import models
+from opq_tf.training import pretrained
 import digits_data
-from opq_tf._keras import keras, tf
-from opq_tf.exporting import load_packed
+from opq_tf.tf_keras._keras import keras, tf
+from opq_tf.tf_keras.exporting import load_packed
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT = 600
@@ -41,9 +41,11 @@ _WORKER = """
 import sys
 import numpy as np
 from configs import default
-from opq_tf import distribute, models, training
-from opq_tf.wrapping import apply
-from opq_tf._keras import keras, tf
+from opq_tf.training import distribute
+from opq_tf.training import models
+from opq_tf.training import training
+from opq_tf.tf_keras.wrapping import apply
+from opq_tf.tf_keras._keras import keras, tf
 
 workdir, data_dir, out = sys.argv[1:4]
 config = default.get_config()

@@ -15,11 +15,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import packing
-from opq_tf._keras import keras, tf
-from opq_tf.wrapping import apply, compressed_kernels, strip
+import opq_tf
+from opq_tf.core import packing
+from opq_tf.tf_keras._keras import keras, tf
+from opq_tf.tf_keras.wrapping import apply, compressed_kernels, strip
 # Not `from opq_tf import export`: the package's public verb shares that name.
-from opq_tf.exporting import export, load_packed, named_weights
+from opq_tf.tf_keras.exporting import export, load_packed, named_weights
 
 
 def _build_model(dense_units=10, dense_name="fc"):
@@ -60,10 +61,12 @@ class ExportTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = tempfile.mkdtemp()
-    cls.qmodel = apply(_pretrained_model(), pruning_rate=0.5, bits=4)
+    model = _pretrained_model()
+    cls.plan = opq_tf.allocate(model, pruning_rate=0.5, bits=4)
+    cls.qmodel = apply(model, cls.plan)
     cls.stripped = strip(cls.qmodel)
     cls.directory = os.path.join(cls.root, "export")
-    cls.report = export(cls.qmodel, cls.directory)
+    cls.report = export(cls.qmodel, cls.directory, plan=cls.plan)
 
   @classmethod
   def tearDownClass(cls):
@@ -183,7 +186,7 @@ class ExportTest(parameterized.TestCase):
       self.assertEqual(layer["steps"], entry.step.size)
       self.assertGreater(layer["coded_bytes"], 0)
     self.assertEqual(self.report["plan"],
-                     json.loads(self.qmodel.opq_plan.to_json()))
+                     json.loads(self.plan.to_json()))
 
   def test_custom_serving_fn_takes_jpeg_bytes(self):
     pixels = (_images(2) * 255).astype(np.uint8)
@@ -207,7 +210,7 @@ class ExportTest(parameterized.TestCase):
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
 
   def test_litert_file_beside_the_others_holds_the_codes(self):
-    from opq_tf import litert  # pylint: disable=g-import-not-at-top
+    from opq_tf.tf_keras import litert  # pylint: disable=g-import-not-at-top
 
     report = export(self.qmodel, self.target, litert=True)
     path = os.path.join(self.target, "model.tflite")

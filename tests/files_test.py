@@ -1,11 +1,11 @@
-"""Tests for opq_tf.files: nothing half-written."""
+"""Tests for opq_tf.core.files: nothing half-written."""
 
 import os
 import tempfile
 
 from absl.testing import absltest
 
-from opq_tf import files
+from opq_tf.core import files
 
 
 class AtomicTest(absltest.TestCase):

@@ -1,10 +1,10 @@
-"""Tests for opq_tf.flatten: inlining nested submodels."""
+"""Tests for opq_tf.tf_keras.flatten: inlining nested submodels."""
 
 from absl.testing import absltest
 import numpy as np
 
-from opq_tf import flatten as flatten_lib
-from opq_tf._keras import keras, tf, tfmot
+from opq_tf.tf_keras import flatten as flatten_lib
+from opq_tf.tf_keras._keras import keras, tf, tfmot
 
 
 def _assert_flat(test, model):

@@ -1,10 +1,10 @@
-"""Tests for opq_tf.grid: bits, codes, per-channel steps and the ratio."""
+"""Tests for opq_tf.core.grid: bits, codes, per-channel steps and the ratio."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import grid
+from opq_tf.core import grid
 
 
 class GridTest(parameterized.TestCase):

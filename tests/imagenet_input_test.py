@@ -1,6 +1,6 @@
-"""Tests for opq_tf.imagenet_input on the real TFDS imagenet2012 builder.
+"""Tests for opq_tf.training.imagenet_input on the real TFDS imagenet2012 builder.
 
-The data is the digits stand-in (opq_tf.digits_imagenet) prepared by the real
+The data is the digits stand-in (opq_tf.training.digits_imagenet) prepared by the real
 builder with 4 record files per split, shared per process (digits_data).
 """
 
@@ -16,12 +16,12 @@ from sklearn.datasets import load_digits
 
 import tensorflow_datasets as tfds
 
-from opq_tf import digits_imagenet
-from opq_tf import imagenet_input
-from opq_tf import imagenet_manual
+from opq_tf.training import digits_imagenet
+from opq_tf.training import imagenet_input
+from opq_tf.training import imagenet_manual
 import cpu_devices
 import digits_data
-from opq_tf._keras import tf
+from opq_tf.tf_keras._keras import tf
 
 
 cpu_devices.split_cpu()

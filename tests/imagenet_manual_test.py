@@ -1,4 +1,4 @@
-"""Tests for opq_tf.imagenet_manual: the ILSVRC manual_dir, label files, prepare.
+"""Tests for opq_tf.training.imagenet_manual: the ILSVRC manual_dir, label files, prepare.
 
 The digits stand-in (digits_data, shared per process) is the manual_dir and
 the prepared data_dir; tests that break a manual_dir break a copy.
@@ -18,7 +18,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from configs import default
-from opq_tf import imagenet_manual
+from opq_tf.training import imagenet_manual
 import digits_data
 
 
@@ -44,7 +44,7 @@ class LabelFilesTest(absltest.TestCase):
     self.assertEqual(set(counts.values()), {50})
 
   def test_needs_no_tensorflow(self):
-    code = ("import sys; from opq_tf import imagenet_manual; "
+    code = ("import sys; from opq_tf.training import imagenet_manual; "
             "imagenet_manual.synsets(); print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, check=True).stdout
@@ -117,7 +117,7 @@ class ManualDirTest(digits_data.DigitsTestCase, parameterized.TestCase):
     text = str(caught.exception)
     self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), text)
     self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), text)
-    self.assertIn("python -m opq_tf.digits_imagenet --manual_dir=", text)
+    self.assertIn("python -m opq_tf.training.digits_imagenet --manual_dir=", text)
 
 
   def test_data_dirs_of_a_config(self):

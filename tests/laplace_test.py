@@ -4,8 +4,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import grid
-from opq_tf import laplace
+from opq_tf.core import grid
+from opq_tf.core import laplace
 
 
 def _monte_carlo_error(samples, threshold, step, bits):

@@ -1,10 +1,10 @@
-"""Tests for opq_tf.layers: which kernels are compressible."""
+"""Tests for opq_tf.tf_keras.layers: which kernels are compressible."""
 
 from absl.testing import absltest
 import numpy as np
 
-from opq_tf import layers
-from opq_tf._keras import keras, tf
+from opq_tf.tf_keras import layers
+from opq_tf.tf_keras._keras import keras, tf
 
 
 def _model_with_every_kind() -> keras.Model:

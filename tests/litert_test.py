@@ -1,4 +1,4 @@
-"""Tests for opq_tf.litert: int8 OPQ codes in a .tflite file that LiteRT runs."""
+"""Tests for opq_tf.tf_keras.litert: int8 OPQ codes in a .tflite file that LiteRT runs."""
 
 import os
 import tempfile
@@ -9,11 +9,11 @@ import numpy as np
 from sklearn import datasets
 
 import opq_tf
-from opq_tf import digits_imagenet
-from opq_tf import litert
-from opq_tf import models
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf
+from opq_tf.training import digits_imagenet
+from opq_tf.tf_keras import litert
+from opq_tf.training import models
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf
 
 _IMAGE_SIZE = 32
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from opq_tf import models
-from opq_tf._keras import keras
+from opq_tf.training import models
+from opq_tf.tf_keras._keras import keras
 
 
 def images(size: int, n: int = 2, seed: int = 0) -> np.ndarray:

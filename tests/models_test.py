@@ -1,4 +1,4 @@
-"""Tests for opq_tf.models: the four networks (weights: pretrained_test.py),
+"""Tests for opq_tf.training.models: the four networks (weights: pretrained_test.py),
 and any user model: tf_keras.applications constructors and saved models."""
 
 import collections
@@ -10,12 +10,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import layers
-from opq_tf import models
-from opq_tf import pretrained
-from opq_tf._keras import keras
+from opq_tf.tf_keras import layers
+from opq_tf.training import models
+from opq_tf.training import pretrained
+from opq_tf.tf_keras._keras import keras
 import model_inputs
-from opq_tf.wrapping import apply, compressed_kernels
+from opq_tf.tf_keras.wrapping import apply, compressed_kernels
 
 
 def _kernel_kinds(model):

@@ -1,4 +1,4 @@
-"""Tests for opq_tf.packing: symbols, the constriction codec and the file."""
+"""Tests for opq_tf.core.packing: symbols, the constriction codec and the file."""
 
 import os
 import shutil
@@ -10,7 +10,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import packing
+from opq_tf.core import packing
 
 
 def _stream(name, n, seed=0):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import pretrained_e2e
-from opq_tf import imagenet_manual
+from opq_tf.training import imagenet_manual
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests for opq_tf.pretrained: FP32 weights in every format, shapes checked."""
+"""Tests for opq_tf.training.pretrained: FP32 weights in every format, shapes checked."""
 
 import os
 import shutil
@@ -8,9 +8,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import models
-from opq_tf import pretrained
-from opq_tf._keras import tf
+from opq_tf.training import models
+from opq_tf.training import pretrained
+from opq_tf.tf_keras._keras import tf
 import model_inputs
 
 

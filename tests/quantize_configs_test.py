@@ -1,14 +1,14 @@
-"""Tests for opq_tf.quantize_configs: OPQQuantizeConfig and register_layer."""
+"""Tests for opq_tf.tf_keras.quantize_configs: OPQQuantizeConfig and register_layer."""
 
 from absl.testing import absltest
 import numpy as np
 
 import opq_tf
-from opq_tf import wrapping
-from opq_tf import layers as layers_lib
-from opq_tf._keras import keras, tf, tfmot
-from opq_tf.quantize_configs import OPQQuantizeConfig, register_layer
-from opq_tf.quantizers import OPQWeightQuantizer
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras._keras import keras, tf, tfmot
+from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig, register_layer
+from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 
 class ScaledDense(keras.layers.Dense):

@@ -1,4 +1,4 @@
-"""Tests for opq_tf.quantizers.OPQWeightQuantizer."""
+"""Tests for opq_tf.tf_keras.quantizers.OPQWeightQuantizer."""
 
 import os
 import shutil
@@ -8,9 +8,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf, tfmot
-from opq_tf.quantizers import OPQWeightQuantizer
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf, tfmot
+from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 
 def _built_quantizer(bits=3, step=0.1, threshold=0.12, shape=(4, 5)):

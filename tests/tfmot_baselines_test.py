@@ -12,9 +12,9 @@ from absl.testing import parameterized
 import numpy as np
 
 from benchmarks import tfmot_baselines
-from opq_tf import layers as layers_lib
-from opq_tf import models
-from opq_tf._keras import keras, tf
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.training import models
+from opq_tf.tf_keras._keras import keras, tf
 
 
 def _small_resnet() -> keras.Model:

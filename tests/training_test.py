@@ -1,4 +1,4 @@
-"""Tests for opq_tf.training: real tiny runs on the digits stand-in of ImageNet.
+"""Tests for opq_tf.training.training: real tiny runs on the digits stand-in of ImageNet.
 
 The digits data is shared per process (digits_data); every run trains
 small_resnet for a few steps of a 16-image global batch. Killed runs of the
@@ -16,18 +16,18 @@ from absl.testing import parameterized
 import numpy as np
 
 from configs import default
-from opq_tf import allocation
-from opq_tf import distribute
-from opq_tf import imagenet_input
-from opq_tf import imagenet_manual
-from opq_tf import models
-from opq_tf import pretrained
-from opq_tf import training
+from opq_tf.core import allocation
+from opq_tf.training import distribute
+from opq_tf.training import imagenet_input
+from opq_tf.training import imagenet_manual
+from opq_tf.training import models
+from opq_tf.training import pretrained
+from opq_tf.training import training
 import cpu_devices
 import digits_data
-from opq_tf._keras import keras, tf
-from opq_tf.wrapping import apply, compressed_kernels
-from opq_tf.exporting import load_packed
+from opq_tf.tf_keras._keras import keras, tf
+from opq_tf.tf_keras.wrapping import apply, compressed_kernels
+from opq_tf.tf_keras.exporting import load_packed
 
 
 cpu_devices.split_cpu()

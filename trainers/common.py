@@ -19,8 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from opq_tf import checks
-from opq_tf import distribute
+from opq_tf.training import checks
+from opq_tf.training import distribute
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs",
                                "default.py")

@@ -17,7 +17,7 @@ before anything runs; a bad one exits with status 2 and a message on stderr.
 
 from absl import app
 
-from opq_tf import training
+from opq_tf.training import training
 from trainers import common
 
 

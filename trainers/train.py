@@ -15,7 +15,7 @@ and a message on stderr, leaving the workdir untouched.
 
 from absl import app
 
-from opq_tf import training
+from opq_tf.training import training
 from trainers import common
 
 

@@ -42,8 +42,9 @@ import warnings
 
 import numpy as np
 
-from opq_tf import grid
-from opq_tf import laplace
+from opq_tf.core import contract
+from opq_tf.core import grid
+from opq_tf.core import laplace
 
 METHODS = ("opq", "uniform", "global_magnitude")
 OBJECTIVES = ("per_kernel", "total")
@@ -267,10 +268,10 @@ def allocate(
   """Solves every kernel's pruning threshold and quantization step in one shot.
 
   Args:
-    model_or_kernels: a tf_keras model (its Conv2D, DepthwiseConv2D,
-      SeparableConv2D, Dense and Conv1D kernels, plus registered layers), or a
-      mapping from name (optionally "layer/weight") to a kernel array, a
-      (kind, array) pair or a (kind, array, channel_axes) triple.
+    model_or_kernels: a mapping from name (optionally "layer/weight") to a
+      `contract.Kernel` (what a frontend reads off a model; `opq_tf.allocate`
+      takes the model itself), a kernel array, a (kind, array) pair or a
+      (kind, array, channel_axes) triple.
     pruning_rate: p in [0, 1), the fraction of all compressed weights pruned.
     bits: B in 2..8, the default bit-width of every kernel.
     method: "opq", "uniform" or "global_magnitude" (module docstring).
@@ -371,29 +372,23 @@ def _check_pruning_rate(pruning_rate: Any) -> None:
 
 def _named_kernels(model_or_kernels: Any) -> list[tuple]:
   """(layer name, weight, kind, values, channel axes) per compressible kernel."""
-  if isinstance(model_or_kernels, collections.abc.Mapping):
-    items = []
-    for key, value in model_or_kernels.items():
-      name, _, weight = str(key).rpartition("/")
-      if not name:
-        name, weight = weight, "kernel"
-      kind, axes = "array", grid.default_channel_axes(weight)
-      if isinstance(value, tuple) and len(value) == 3:
-        kind, value, axes = value
-      elif isinstance(value, tuple):
-        kind, value = value
-      items.append((name, weight, kind, value, tuple(axes)))
-  elif hasattr(model_or_kernels, "layers"):
-    from opq_tf import layers  # pylint: disable=g-import-not-at-top
-
-    items = [(*key.rsplit("/", 1), kernel.kind, kernel.values,
-              kernel.channel_axes)
-             for key, kernel
-             in layers.compressible_kernels(model_or_kernels).items()]
-  else:
+  if not isinstance(model_or_kernels, collections.abc.Mapping):
     raise TypeError(
-        "allocate() takes a tf_keras model or a mapping name -> kernel array, "
-        f"got {type(model_or_kernels).__name__}.")
+        "allocate() takes a Keras model (through opq_tf.allocate) or a mapping "
+        f"name -> kernel array, got {type(model_or_kernels).__name__}.")
+  items = []
+  for key, value in model_or_kernels.items():
+    name, _, weight = str(key).rpartition("/")
+    if not name:
+      name, weight = weight, "kernel"
+    kind, axes = "array", grid.default_channel_axes(weight)
+    if isinstance(value, contract.Kernel):
+      kind, value, axes = value
+    elif isinstance(value, tuple) and len(value) == 3:
+      kind, value, axes = value
+    elif isinstance(value, tuple):
+      kind, value = value
+    items.append((name, weight, kind, value, tuple(axes)))
   if not items:
     raise ValueError(
         "The model has no compressible layer (Conv2D, DepthwiseConv2D, "

@@ -52,80 +52,24 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from absl import logging
 import numpy as np
 
-from opq_tf import grid
-from opq_tf import layers as layers_lib
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf
+from opq_tf.core import grid
+from opq_tf.core.contract import CompressedKernel
+from opq_tf.core import reconstruction
+from opq_tf.core.reconstruction import (  # noqa: F401  (re-exported)
+    DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_MAX_IMAGES,
+    DEFAULT_MIN_SAMPLES_PER_WEIGHT, CalibrationReport, KernelCalibration)
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf
 
-# 500 images: the measured setting (docs/method.md D.6). BatchNorm statistics
-# settle within a few hundred images; reconstruction needs >= 4 samples per
-# input weight, which 500 images give every convolution of ImageNet networks
-# (one sample per output position) but not a classifier; cost is linear in it.
-DEFAULT_MAX_IMAGES = 500
-# A typical per-replica training batch: the batch statistics each BatchNorm
-# normalises by during re-estimation are as noisy as in training, no more.
-DEFAULT_BATCH_SIZE = 50
-# Fraction of mean(diag(H)) added to H's diagonal. 5% is the measured setting;
-# 1% overfitted 128 images.
-DEFAULT_DAMPING = 0.05
-# Below this many samples (rows of X) per input weight (columns of W), a kernel
-# keeps plain rounding: the least-squares fit would follow the sample noise.
-DEFAULT_MIN_SAMPLES_PER_WEIGHT = 4.0
-
-_BLOCK = 128  # columns per lazy-update block of the error feedback.
-# Conjugate gradients for the masked least squares: far below the rounding
-# error after a few dozen iterations, since damping bounds H's condition.
-_CG_ITERATIONS = 100
-_CG_TOLERANCE = 1e-4
 _PATCH_BYTES = 256 * 2**20  # im2col patches per call, at most.
 
 Data = Union[np.ndarray, tf.data.Dataset]
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelCalibration:
-  """What calibrate did to one compressed kernel.
-
-  `error_before` / `error_after`: relative output error
-  ||(W - W_hat) X||^2 / ||W X||^2 of the layer on the calibration inputs X,
-  with W the FP32 kernel and W_hat the compressed one, before and after
-  reconstruction and bias correction (None when the kernel's layer kind is
-  not reconstructed).
-  """
-
-  method: str  # "reconstructed" or "plain rounding"
-  reason: str = ""  # why plain rounding
-  samples_per_weight: Optional[float] = None
-  error_before: Optional[float] = None
-  error_after: Optional[float] = None
-  bias_corrected: bool = False  # the layer's bias absorbed the mean error
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibrationReport:
-  """`model.opq_calibration`: what the last `calibrate` call did."""
-
-  images: int
-  batchnorm_layers: tuple[str, ...]  # BatchNorm layers re-estimated
-  kernels: dict[str, KernelCalibration]  # key -> summary; only if reconstruct
-
-  def table(self) -> str:
-    """One line per kernel: method, output error before -> after, reason."""
-    lines = [f"{self.images} calibration images; BatchNorm re-estimated in "
-             f"{len(self.batchnorm_layers)} layers"]
-    for key, row in self.kernels.items():
-      errors = ("" if row.error_before is None else
-                f" {row.error_before:.4g} -> {row.error_after:.4g}"
-                f" ({row.samples_per_weight:.1f} samples/weight)")
-      reason = f" [{row.reason}]" if row.reason else ""
-      bias = " + bias" if row.bias_corrected else ""
-      lines.append(f"  {key:<40} {row.method}{bias}{errors}{reason}")
-    return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -158,7 +102,8 @@ def calibrate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     damping: float = DEFAULT_DAMPING,
     min_samples_per_weight: float = DEFAULT_MIN_SAMPLES_PER_WEIGHT,
-) -> keras.Model:
+    kernels: Optional[Sequence[CompressedKernel]] = None,
+) -> CalibrationReport:
   """Re-estimates BatchNorm statistics and/or reconstructs kernels, in place.
 
   Masks and steps never change; pruned weights stay exactly zero and kept ones
@@ -167,9 +112,9 @@ def calibrate(
   as it was.
 
   Args:
-    model: a model returned by `opq_tf.apply` (wrapped), or by `opq_tf.strip`
-      (plain; reconstruction then needs its `opq_kernels` attribute, which
-      holds the FP32 kernels to reproduce). One image input.
+    model: a model returned by `opq_tf.apply` (wrapped; its layers hold every
+      mask, step and latent FP32 kernel), or by `opq_tf.strip` (plain; then
+      pass `kernels`). One image input.
     data: images as a NumPy array (N, *input shape), or a tf.data.Dataset of
       images or of (images, labels, ...) tuples (labels ignored), batched or
       not. Cast to the model's input dtype.
@@ -183,10 +128,14 @@ def calibrate(
       batched dataset is re-batched to it.
     damping: added to H's diagonal, as a fraction of its mean.
     min_samples_per_weight: kernels below it keep plain rounding.
+    kernels: for a stripped model only: the `CompressedKernel`s of the
+      wrapped model it was stripped from
+      (`opq_tf.tf_keras.wrapping.compressed_kernels(qmodel)`), whose masks,
+      steps and FP32 kernels a plain model no longer holds.
 
   Returns:
-    `model`, with `model.opq_calibration`, a `CalibrationReport` (per-kernel
-    output errors before and after reconstruction; `.table()` prints them).
+    A `CalibrationReport` (per-kernel output errors before and after
+    reconstruction; `.table()` prints them).
 
   Raises:
     TypeError, ValueError: the model was never compressed, the data has the
@@ -195,7 +144,7 @@ def calibrate(
   """
   _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
                  min_samples_per_weight)
-  kernels = _compressed_kernels(model)
+  kernels = _compressed_kernels(model, kernels)
   images = _calibration_images(model, data, max_images, batch_size)
   bn_layers = [layer for layer in layers_lib.iter_layers(model)
                if isinstance(layer, keras.layers.BatchNormalization)]
@@ -242,9 +191,8 @@ def calibrate(
       variable.assign(value)
     raise
   report = CalibrationReport(len(images), tuple(reestimated), rows)
-  model.opq_calibration = report
   logging.info("opq_tf.calibrate: %s", report.table())
-  return model
+  return report
 
 
 def _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
@@ -266,7 +214,7 @@ def _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
                      f"{min_samples_per_weight!r}.")
 
 
-def _compressed_kernels(model) -> list[_Kernel]:
+def _compressed_kernels(model, recorded) -> list[_Kernel]:
   """Every compressed kernel of a wrapped or stripped model, in model order."""
   if not isinstance(model, keras.Model):
     raise TypeError(
@@ -289,24 +237,28 @@ def _compressed_kernels(model) -> list[_Kernel]:
                        quantizer.channel_axes),
         bits=int(quantizer.bits), wrapped=True))
   if kernels:
+    if recorded is not None:
+      raise ValueError(
+          f"Model {model.name!r} is wrapped and holds its own compressed "
+          "kernels; pass kernels= only with a stripped model.")
     return kernels
-  recorded = getattr(model, "opq_kernels", None)
   if recorded is None:
     raise ValueError(
         f"Model {model.name!r} has no OPQ-compressed kernel: OPQ was never "
         "applied to it. Call opq_tf.apply(model, plan) first and calibrate "
-        "the model it returns (or opq_tf.strip of it); reconstruction also "
-        "needs the FP32 kernels that only those models carry.")
+        "the model it returns; to calibrate opq_tf.strip of it, pass "
+        "kernels=opq_tf.tf_keras.wrapping.compressed_kernels(wrapped_model), "
+        "the masks, steps and FP32 kernels a plain model no longer holds.")
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(model)}
-  for entry in recorded:  # wrapping.CompressedKernel, latent kernel included
+  for entry in recorded:  # CompressedKernel, latent kernel included
     layer, attr = by_name.get(entry.layer_name), entry.weight
     variable = getattr(layer, attr, None)
     if (not isinstance(variable, tf.Variable)
         or tuple(variable.shape) != entry.kernel.shape):
       raise ValueError(
-          f"Model {model.name!r} records the compressed kernel {entry.key!r} "
-          "in opq_kernels but has no such weight; calibrate the model "
-          "opq_tf.strip returned, unmodified in structure.")
+          f"kernels= names the compressed kernel {entry.key!r}, but model "
+          f"{model.name!r} has no such weight; pass the kernels of the "
+          "wrapped model this one was stripped from, unmodified in structure.")
     kernels.append(_Kernel(
         key=entry.key, layer=layer, node_layer=layer, attr=attr,
         variable=variable, target=np.asarray(entry.kernel, np.float32),
@@ -315,7 +267,7 @@ def _compressed_kernels(model) -> list[_Kernel]:
         bits=int(entry.bits), wrapped=False))
   if not kernels:
     raise ValueError(
-        f"Model {model.name!r} has an empty opq_kernels list: nothing was "
+        f"kernels= is empty for model {model.name!r}: nothing was "
         "compressed; call opq_tf.apply first.")
   return kernels
 
@@ -551,36 +503,19 @@ def _reconstruct_kernel(model, reference, kernel: _Kernel,
       parts = [np.asarray(part, np.float64) for part in parts]
       sums = parts if sums is None else [a + b for a, b in zip(sums, parts)]
       samples += int(rows)
-  statistics = _Statistics(samples, *sums)
+  statistics = reconstruction.Statistics(samples, *sums)
   weights = to_rows(kernel.target.astype(np.float64))
-  mask = to_rows(kernel.mask)
-  step = to_rows(np.broadcast_to(kernel.step, kernel.target.shape))
-  samples_per_weight = samples / weights.shape[-1]
-  rows = plain_rows = grid.compress(weights, step, kernel.bits, mask)
-  error_before = statistics.relative_error(weights, plain_rows)
-  if samples_per_weight < min_samples_per_weight:
-    reason = (f"{samples_per_weight:.2f} samples per input weight < "
-              f"{min_samples_per_weight:g}: more images (max_images) would "
-              "reconstruct it")
-  else:
-    fitted = _error_feedback_rounding(weights, statistics.hessian,
-                                      statistics.cross, mask, step,
-                                      kernel.bits, damping)
-    reason = ""
-    if statistics.relative_error(weights, fitted) < error_before:
-      rows = fitted
-      _assign_on_grid(kernel, from_rows(rows).astype(np.float32))
-    else:
-      reason = "reconstruction did not lower the output error"
+  solved = reconstruction.solve(
+      weights, statistics, to_rows(kernel.mask),
+      to_rows(np.broadcast_to(kernel.step, kernel.target.shape)), kernel.bits,
+      damping, min_samples_per_weight, bias=_bias_of(kernel) is not None)
+  if solved.reconstructed:
+    _assign_on_grid(kernel, from_rows(solved.rows).astype(np.float32))
   bias = _bias_of(kernel)
   if bias is not None:
-    shift = statistics.mean_error(weights, rows).reshape(bias.shape)
+    shift = solved.bias_shift.reshape(bias.shape)
     bias.assign(bias.numpy() + shift.astype(bias.dtype.as_numpy_dtype))
-  return KernelCalibration(
-      "plain rounding" if rows is plain_rows else "reconstructed", reason,
-      samples_per_weight, error_before,
-      statistics.relative_error(weights, rows, bias_corrected=bias is not None),
-      bias_corrected=bias is not None)
+  return solved.summary
 
 
 def _assign_on_grid(kernel: _Kernel, compressed: np.ndarray) -> None:
@@ -599,46 +534,12 @@ def _assign_on_grid(kernel: _Kernel, compressed: np.ndarray) -> None:
 def _bias_of(kernel: _Kernel) -> Optional[tf.Variable]:
   """The bias added to the kernel's output, if its layer has one (not for a
   SeparableConv2D's depthwise half: the bias follows the pointwise one)."""
-  if (kernel.attr == "depthwise_kernel"
-      and isinstance(kernel.layer, keras.layers.SeparableConv2D)):
+  rules = layers_lib.KERNELS[type(kernel.layer)]
+  if (rules[kernel.attr].reconstruction == "depthwise"
+      and any(r.reconstruction == "pointwise" for r in rules.values())):
     return None
   bias = getattr(kernel.layer, "bias", None)
   return bias if isinstance(bias, tf.Variable) else None
-
-
-@dataclasses.dataclass
-class _Statistics:
-  """Sums over the calibration samples of one layer, rows of W per group.
-
-  X is the layer's input in the compressed network, Z its input in the FP32
-  network (for a SeparableConv2D's pointwise kernel: the depthwise outputs of
-  each), so that W Z is the FP32 output the compressed W_hat X should match.
-  """
-
-  samples: int
-  hessian: np.ndarray  # X X^T, (groups, D, D)
-  input_sum: np.ndarray  # sum of X, (groups, D)
-  cross: np.ndarray  # Z X^T
-  target_gram: np.ndarray  # Z Z^T
-  target_sum: np.ndarray  # sum of Z
-
-  def mean_error(self, weights: np.ndarray, compressed: np.ndarray
-                 ) -> np.ndarray:
-    """mean(W Z - W_hat X) over the samples, (groups, rows)."""
-    return (np.einsum("grd,gd->gr", weights, self.target_sum)
-            - np.einsum("grd,gd->gr", compressed, self.input_sum)) / self.samples
-
-  def relative_error(self, weights: np.ndarray, compressed: np.ndarray,
-                     bias_corrected: bool = False) -> float:
-    """||W Z - W_hat X||^2 / ||W Z||^2 and, bias_corrected, with the mean
-    error taken off every output (sum ||d - m||^2 = sum ||d||^2 - N ||m||^2)."""
-    quadratic = lambda a, m, b: np.einsum("grd,gde,gre->", a, m, b)
-    signal = quadratic(weights, self.target_gram, weights)
-    error = (signal - 2 * quadratic(weights, self.cross, compressed)
-             + quadratic(compressed, self.hessian, compressed))
-    if bias_corrected:
-      error -= self.samples * np.sum(self.mean_error(weights, compressed)**2)
-    return float(max(error, 0.0) / signal) if signal > 0 else 0.0
 
 
 def _layer_input(model, layer):
@@ -669,38 +570,39 @@ def _layout(kernel: _Kernel, kernels: list[_Kernel]):
   unsupported = lambda reason: (None, None, None, None, reason)
   if getattr(layer, "data_format", "channels_last") != "channels_last":
     return unsupported("channels_first layers are not reconstructed")
-  kind = type(layer)
+  layout = layers_lib.rule(layer, kernel.attr).reconstruction
   flat_rows = (lambda a: a.reshape(-1, shape[-1]).T[None],
                lambda rows: rows[0].T.reshape(shape))
   width = int(np.prod(shape[:-1]))
-  if kind is keras.layers.Dense:
+  if layout == "dense":
     columns = lambda x: tf.reshape(x, (-1, width, 1))
     return columns, columns, *flat_rows, ""
-  if kind in (keras.layers.Conv2D, keras.layers.Conv1D):
+  if layout == "conv":
     if getattr(layer, "groups", 1) != 1:
       return unsupported("grouped convolutions are not reconstructed")
     patches = _patches_fn(layer, shape[:-2])
     columns = lambda x: tf.reshape(patches(x), (-1, width, 1))
     return columns, columns, *flat_rows, ""
-  if kind in (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D):
+  if layout == "depthwise":
     spatial = int(np.prod(shape[:-2]))
     channels, multiplier = shape[-2], shape[-1]
-    if kernel.attr == "depthwise_kernel":
-      patches = _patches_fn(layer, shape[:-2])
-      columns = lambda x: tf.reshape(patches(x), (-1, spatial, channels))
-      return (columns, columns,
-              lambda a: a.reshape(spatial, channels, multiplier).transpose(
-                  1, 2, 0),
-              lambda rows: rows.transpose(2, 0, 1).reshape(shape), "")
-    if kernel.attr == "pointwise_kernel":
-      depthwise = _depthwise_as_used(kernel, kernels)
-      if depthwise is None:
-        return unsupported("its depthwise kernel is not accessible")
-      compressed, fp32 = (_depthwise_output_fn(layer, value, shape[-2])
-                          for value in depthwise)
-      return compressed, fp32, *flat_rows, ""
-  return unsupported(f"{type(layer).__name__}/{kernel.attr} is not a kind "
-                     "calibrate reconstructs")
+    patches = _patches_fn(layer, shape[:-2])
+    columns = lambda x: tf.reshape(patches(x), (-1, spatial, channels))
+    return (columns, columns,
+            lambda a: a.reshape(spatial, channels, multiplier).transpose(
+                1, 2, 0),
+            lambda rows: rows.transpose(2, 0, 1).reshape(shape), "")
+  if layout == "pointwise":
+    depthwise = _depthwise_as_used(kernel, kernels)
+    if depthwise is None:
+      return unsupported("its depthwise kernel is not accessible")
+    compressed, fp32 = (_depthwise_output_fn(layer, value, shape[-2])
+                        for value in depthwise)
+    return compressed, fp32, *flat_rows, ""
+  return unsupported(
+      f"{type(layer).__name__}/{kernel.attr} has no reconstruction layout; "
+      "register it with like=<the built-in kind it computes> to reconstruct "
+      "it")
 
 
 def _statistics(columns_of, target_columns_of, inputs, targets):
@@ -804,92 +706,3 @@ def _depthwise_output_fn(layer, depthwise: np.ndarray, channels: int
   return columns
 
 
-def _error_feedback_rounding(weights: np.ndarray, hessian: np.ndarray,
-                             cross: np.ndarray, mask: np.ndarray,
-                             step: np.ndarray, bits: int,
-                             damping: float) -> np.ndarray:
-  """OBS rounding of rows W (groups, rows, D) with a fixed mask and grid.
-
-  Minimises ||W Z - W_hat X||^2 + damping * ||W - W_hat||^2 (H = X X^T,
-  cross = Z X^T; the damping, a fraction of mean(diag(H)), keeps W_hat near W
-  where the samples say little). First the kept weights of every row move to
-  their least-squares optimum with the pruned ones at zero
-  (`_masked_least_squares`): every kept weight compensates every pruned one.
-  Fixing columns one at a time from W, as SparseGPT does with its own mask,
-  lets a kept column fixed early compensate nothing pruned after it; measured
-  on ImageNet MobileNet-V1 0.75, solving first raised top-1 after calibration
-  by 2.4 and 1.8 points at (p, B) = (0.5, 8) and (0.656, 4). Then columns are
-  fixed in order of decreasing diag(H) (GPTQ's act-order); fixing column j to
-  its grid value q (0 where pruned) leaves the error (w_j - q) / U_jj, fed
-  back to the unfixed columns through row j of U, the upper Cholesky factor
-  of (H + damping)^-1 (GPTQ / SparseGPT), in lazy blocks. Returns the grid
-  values, float32, same layout.
-  """
-  groups, rows, width = weights.shape
-  hessian = np.array(hessian, np.float64)
-  columns = np.arange(width)
-  diag = hessian[:, columns, columns]
-  dead = diag <= 0  # inputs that were always zero: any weight does.
-  damped = np.where(dead, 1.0, diag) + damping * np.mean(
-      np.where(dead, 0.0, diag), axis=1, keepdims=True) + 1e-12
-  hessian[:, columns, columns] = damped
-  rhs = weights @ cross + weights * (damped - np.where(dead, 0.0, diag))[:, None]
-  weights = _masked_least_squares(weights, rhs, hessian, mask)
-  order = np.argsort(-diag, axis=1, kind="stable")
-  take = lambda a: np.take_along_axis(a, order[:, None, :], axis=2)
-  hessian = np.take_along_axis(take(hessian), order[:, :, None], axis=1)
-  work, mask, step = take(weights).copy(), take(mask), take(step)
-  inverse = np.linalg.inv(hessian)
-  upper = np.swapaxes(np.linalg.cholesky((inverse + np.swapaxes(
-      inverse, 1, 2)) / 2), 1, 2)
-  result = np.zeros_like(work, dtype=np.float32)
-  for start in range(0, width, _BLOCK):
-    end = min(width, start + _BLOCK)
-    errors = np.zeros((groups, rows, end - start))
-    for j in range(start, end):
-      column = grid.compress(work[:, :, j], step[:, :, j], bits, mask[:, :, j])
-      result[:, :, j] = column
-      error = (work[:, :, j] - column) / upper[:, None, j, j]
-      work[:, :, j + 1:end] -= error[:, :, None] * upper[:, None, j, j + 1:end]
-      errors[:, :, j - start] = error
-    work[:, :, end:] -= errors @ upper[:, start:end, end:]
-  unordered = np.empty_like(result)
-  np.put_along_axis(unordered, order[:, None, :], result, axis=2)
-  return unordered
-
-
-def _masked_least_squares(weights: np.ndarray, rhs: np.ndarray,
-                          hessian: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Per row: argmin over V, zero where pruned, of V H V^T - 2 V rhs^T.
-
-  That is V_K = rhs_K H_KK^-1 on each row's kept set K, solved for all rows at
-  once by Jacobi-preconditioned conjugate gradients from V = W * mask (each
-  row has its own K, so a direct solve would factor one matrix per row: hours
-  for ResNet-50's 3x3x512 convolutions). Every iteration is one (rows, D) x
-  (D, D) product and lowers the objective; damping bounds H's condition.
-  """
-  kept = mask.astype(np.float64)
-  solution = weights * kept
-  residual = (rhs - solution @ hessian) * kept
-  inverse_diag = 1.0 / np.diagonal(hessian, axis1=1, axis2=2)[:, None, :]
-  preconditioned = residual * inverse_diag
-  direction = preconditioned.copy()
-  product = np.sum(residual * preconditioned, axis=-1, keepdims=True)
-  tolerance = (_CG_TOLERANCE * np.linalg.norm(rhs * kept, axis=-1,
-                                              keepdims=True))**2
-  for _ in range(_CG_ITERATIONS):
-    if np.all(np.sum(residual**2, axis=-1, keepdims=True) <= tolerance):
-      break
-    moved = (direction @ hessian) * kept
-    curvature = np.sum(direction * moved, axis=-1, keepdims=True)
-    alpha = np.divide(product, curvature, out=np.zeros_like(product),
-                      where=curvature > 0)
-    solution += alpha * direction
-    residual -= alpha * moved
-    preconditioned = residual * inverse_diag
-    new_product = np.sum(residual * preconditioned, axis=-1, keepdims=True)
-    beta = np.divide(new_product, product, out=np.zeros_like(product),
-                     where=product > 0)
-    direction = preconditioned + beta * direction
-    product = new_product
-  return solution

@@ -1,7 +1,7 @@
 """ImageNet (TFDS `imagenet2012`) tf.data pipelines for tf.distribute.
 
 The data comes from the real TFDS builder, prepared offline from the
-ILSVRC-2012 tars by `opq_tf.imagenet_manual.prepare` (which spells out the
+ILSVRC-2012 tars by `opq_tf.training.imagenet_manual.prepare` (which spells out the
 manual-download contract); this module only reads the prepared records:
 
     dataset_fn = make_dataset_fn(split="train", data_dir=data_dir,
@@ -29,8 +29,8 @@ from typing import Callable, Optional
 
 import tensorflow_datasets as tfds
 
-from opq_tf import imagenet_manual
-from opq_tf._keras import tf
+from opq_tf.training import imagenet_manual
+from opq_tf.tf_keras._keras import tf
 
 # The standard ImageNet eval crop: a 224 crop of a 256 resize (crop_padding=32
 # at 224). For other sizes the padding scales with the image (32 * S / 224), so
@@ -45,7 +45,7 @@ def _prepared_builder(data_dir: str) -> tfds.core.DatasetBuilder:
   if not imagenet_manual.is_prepared(data_dir):
     raise ValueError(
         f"TFDS {imagenet_manual.DATASET_NAME} is not prepared under data_dir {data_dir!r}. "
-        "Run opq_tf.imagenet_manual.prepare(data_dir, manual_dir) first."
+        "Run opq_tf.training.imagenet_manual.prepare(data_dir, manual_dir) first."
     )
   return imagenet_manual.builder(data_dir)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from opq_tf._keras import tf
+from opq_tf.tf_keras._keras import tf
 
 STRATEGIES = ("mirrored", "multi_worker", "one_device")
 

@@ -1,7 +1,7 @@
 """The networks OPQ is run on, all taking float32 RGB images in [0, 255].
 
     model = models.build("resnet50", num_classes=1000, image_size=224)
-    pretrained.load(model, "/ckpt/resnet50.weights.h5")   # opq_tf/pretrained.py
+    pretrained.load(model, "/ckpt/resnet50.weights.h5")   # opq_tf/training/pretrained.py
 
 Every model starts with its own input normalisation, so the data pipeline,
 the trainer and the exported serving signature all feed raw pixels:
@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from opq_tf._keras import keras, tf
+from opq_tf.tf_keras._keras import keras, tf
 
 NAMES = ("resnet50", "mobilenet_v1", "alexnet", "small_resnet")
 APPLICATIONS_PREFIX = "applications."
@@ -204,7 +204,7 @@ def build(name: str, num_classes: int, image_size: int, *,
     A built Functional tf_keras model, input float32
     [batch, image_size, image_size, 3] in [0, 255], output float32 logits
     [batch, num_classes]. Built-ins and applications are freshly initialised
-    (weights=None; load weights with opq_tf.pretrained); a saved model keeps
+    (weights=None; load weights with opq_tf.training.pretrained); a saved model keeps
     its weights.
   """
   _check_build_args(name, num_classes, image_size)

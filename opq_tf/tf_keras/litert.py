@@ -51,9 +51,10 @@ from ai_edge_litert import interpreter as litert_interpreter
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
-from opq_tf import files
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf
+from opq_tf.core import files
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf
 
 LITERT_FILE = "model.tflite"
 BITS_NOTE = (
@@ -108,9 +109,18 @@ def _kernels(qmodel) -> list:
     raise TypeError(
         f"litert.convert needs the tf_keras model returned by opq_tf.apply, "
         f"got {type(qmodel).__name__}.")
-  read = getattr(wrapping, "compressed_kernels", None) or getattr(
-      wrapping, "compressed_entries")
-  return read(qmodel)
+  return wrapping.compressed_kernels(qmodel)
+
+
+def _check_kinds(kernels: list) -> None:
+  """Refuses kinds of the layer table that name no LiteRT op."""
+  for entry in kernels:
+    if layers_lib.rule(entry.kind, entry.weight).litert is None:
+      raise ValueError(
+          f"{entry.key}: layer kind {entry.kind} names no LiteRT op in the "
+          "layer table, so its codes cannot be placed in the .tflite; "
+          "register it with opq_tf.register_layer(..., like=<the built-in "
+          "kind it computes>) or export without LiteRT.")
 
 
 def _target(entry, shape: tuple[int, ...]) -> Optional[_Target]:
@@ -121,7 +131,8 @@ def _target(entry, shape: tuple[int, ...]) -> Optional[_Target]:
   ...], axis 0), reshaped to `shape` when that only adds unit axes (Conv1D).
   """
   codes = np.asarray(entry.codes)
-  depthwise = entry.kind == "DepthwiseConv2D" or entry.weight == "depthwise_kernel"
+  depthwise = (layers_lib.rule(entry.kind, entry.weight).litert
+               == "depthwise_conv_2d")
   if depthwise:
     channel_shape = codes.shape[-2:]
     laid_out, axis = codes.reshape((1, *codes.shape[:-2], -1)), 3
@@ -578,8 +589,15 @@ def _metadata(model: schema.ModelT, kernels: list) -> None:
   model.metadata = list(model.metadata or []) + [metadata]
 
 
-def convert(
-    qmodel: keras.Model,
+def convert(qmodel: keras.Model, path: Union[str, os.PathLike],
+            **options: Any) -> dict:
+  """Writes `path` (.tflite) for a wrapped model; see `write` for `options`."""
+  return write(_kernels(qmodel), wrapping.strip(qmodel), path, **options)
+
+
+def write(
+    kernels: list,
+    stripped: keras.Model,
     path: Union[str, os.PathLike],
     *,
     int8_activations: bool = False,
@@ -589,8 +607,12 @@ def convert(
 ) -> dict:
   """Writes `path` (.tflite) with the OPQ codes as int8 weights; returns facts.
 
+  One writer of `opq_tf.tf_keras.exporting.export`, which strips the model
+  once for every format.
+
   Args:
-    qmodel: a model returned by `opq_tf.apply` (possibly finetuned).
+    kernels: the wrapped model's `CompressedKernel`s.
+    stripped: `opq_tf.strip` of the wrapped model.
     path: the .tflite file to create; it must not exist.
     int8_activations: also quantize activations to int8 (full integer model,
       float input and output), calibrated on `representative_data`.
@@ -632,8 +654,7 @@ def convert(
     raise ValueError(
         "int8_activations needs representative_data: a function yielding "
         "[batch] lists of training images to calibrate activation ranges.")
-  kernels = _kernels(qmodel)
-  stripped = wrapping.strip(qmodel)
+  _check_kinds(kernels)
   float_model = _load(float_tflite(stripped))
   if int8_activations:
 

@@ -49,8 +49,8 @@ from collections.abc import Mapping, Sequence
 import constriction
 import numpy as np
 
-from opq_tf import files
-from opq_tf import grid
+from opq_tf.core import files
+from opq_tf.core import grid
 
 MAGIC = b"OPQ\x02"  # The last byte is the format version.
 # Declared kernel elements that read_packed decodes at most, by default: a

@@ -26,7 +26,7 @@ import functools
 
 import numpy as np
 
-from opq_tf import grid
+from opq_tf.core import grid
 
 _UNIT_THRESHOLDS = np.linspace(0.0, 12.0, 3001)  # P(|w|<t) up to 1 - 6e-6
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0

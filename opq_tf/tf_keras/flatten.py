@@ -10,7 +10,7 @@ symbolic tensors and descending into every node whose layer is itself a model.
 
 from typing import Callable, Optional
 
-from opq_tf._keras import keras, tf
+from opq_tf.tf_keras._keras import keras, tf
 
 
 def is_graph_model(layer) -> bool:

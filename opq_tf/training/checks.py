@@ -25,14 +25,14 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from opq_tf import allocation
-from opq_tf import distribute
-from opq_tf import grid
-from opq_tf import imagenet_manual
-from opq_tf import models
-from opq_tf import pretrained
-from opq_tf import training
-from opq_tf._keras import keras, tf
+from opq_tf.core import allocation
+from opq_tf.training import distribute
+from opq_tf.core import grid
+from opq_tf.training import imagenet_manual
+from opq_tf.training import models
+from opq_tf.training import pretrained
+from opq_tf.training import training
+from opq_tf.tf_keras._keras import keras, tf
 
 PHASES = ("fp32", "compress", "all")
 # Old field name -> new one: an old command line gets told the new spelling.

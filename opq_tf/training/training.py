@@ -90,19 +90,19 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from opq_tf import allocation
-from opq_tf import calibration
-from opq_tf import distribute
-from opq_tf import exporting
-from opq_tf import files
-from opq_tf import imagenet_input
-from opq_tf import imagenet_manual
-from opq_tf import layers
-from opq_tf import litert
-from opq_tf import models
-from opq_tf import pretrained
-from opq_tf import wrapping
-from opq_tf._keras import keras, tf
+from opq_tf.core import allocation
+from opq_tf.tf_keras import calibration
+from opq_tf.training import distribute
+from opq_tf.tf_keras import exporting
+from opq_tf.core import files
+from opq_tf.training import imagenet_input
+from opq_tf.training import imagenet_manual
+from opq_tf.tf_keras import layers
+from opq_tf.tf_keras import litert
+from opq_tf.training import models
+from opq_tf.training import pretrained
+from opq_tf.tf_keras import wrapping
+from opq_tf.tf_keras._keras import keras, tf
 
 PLAN_FILE = "plan.json"
 # Legacy (by layer name) HDF5; a name ending in .weights.h5 would select
@@ -113,7 +113,6 @@ FINAL_REPORT = "final_report.json"
 EXPORT_DIR = "export"
 _EVALUATIONS = "evaluations.json"
 # The weights weight decay acts on (layers.weight_key's last part).
-KERNEL_WEIGHTS = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
 
 # --------------------------------------------------------------------------
@@ -258,19 +257,6 @@ def _scalar(tag: str, value: float) -> None:
 # Steps and evaluation.
 
 
-def _trainable_kernels(model: keras.Model) -> list[tf.Variable]:
-  """The trainable conv/dense kernels (KERNEL_WEIGHTS), once each, in order."""
-  kernels, seen = [], set()
-  for layer in layers.iter_layers(model):
-    for variable in layer.trainable_weights:
-      if id(variable) in seen:
-        continue
-      if layers.weight_key(layer, variable).rsplit("/", 1)[-1] in KERNEL_WEIGHTS:
-        seen.add(id(variable))
-        kernels.append(variable)
-  return kernels
-
-
 def kernel_l2(model: keras.Model, weight_decay: float) -> tf.Tensor:
   """wd/2 · Σ||W||² over the trainable kernels: the trainer's weight decay.
 
@@ -279,7 +265,7 @@ def kernel_l2(model: keras.Model, weight_decay: float) -> tf.Tensor:
   Per replica, divide by the replica count (tf.nn.scale_regularization_loss)
   so that the all-reduced gradient counts it once, as `make_train_step` does.
   """
-  kernels = _trainable_kernels(model)
+  kernels = layers.decayed_weights(model)
   if not weight_decay or not kernels:
     return tf.constant(0.0)
   return 0.5 * float(weight_decay) * tf.add_n(
@@ -448,7 +434,7 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
 
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", phase))
             if chief else tf.summary.create_noop_writer())
-  compressed = hasattr(model, "opq_plan")
+  compressed = wrapping.is_compressed(model)
   step = start_step
   loop_seconds, last = 0.0, {}
   for epoch in range(start_step // steps_per_epoch, epochs):
@@ -571,7 +557,7 @@ def _load_or_allocate_plan(model: keras.Model,
     logging.info("Reusing the compression plan %s", path)
     with open(path) as f:
       return allocation.CompressionPlan.from_json(f.read())
-  plan = allocation.allocate(model, config.pruning_rate, config.bits,
+  plan = allocation.allocate(layers.compressible_kernels(model), config.pruning_rate, config.bits,
                              method=config.method, objective=config.objective,
                              step_granularity=config.step_granularity,
                              step_stats=config.step_stats)
@@ -617,8 +603,9 @@ def _calibration_images(config: ml_collections.ConfigDict, data_dir: str,
 
 
 def _calibrate(qmodel: keras.Model, config: ml_collections.ConfigDict,
-               workdir: str, data_dir: str) -> float:
-  """opq_tf.calibrate before finetuning; returns its seconds (0 if skipped).
+               workdir: str, data_dir: str):
+  """opq_tf.calibrate before finetuning; returns (seconds, CalibrationReport),
+  (0, None) if skipped.
 
   Skipped when config.calibration_images is 0, and on a resumed run that has
   a finetuning checkpoint: that checkpoint already holds the calibrated (and
@@ -627,19 +614,18 @@ def _calibrate(qmodel: keras.Model, config: ml_collections.ConfigDict,
   checkpoints = os.path.join(workdir, "finetune", "checkpoints")
   if (not config.calibration_images
       or tf.train.latest_checkpoint(checkpoints) is not None):
-    return 0.0
+    return 0.0, None
   started = time.time()
-  calibration.calibrate(
+  report = calibration.calibrate(
       qmodel, _calibration_images(config, data_dir, config.calibration_images),
       batchnorm=True, reconstruct=config.calibrate_reconstruct,
       max_images=config.calibration_images)
-  return time.time() - started
+  return time.time() - started, report
 
 
-def _calibration_summary(qmodel: keras.Model) -> dict[str, Any]:
+def _calibration_summary(report) -> dict[str, Any]:
   """How many kernels calibrate reconstructed and whose biases it corrected
   (nothing when this process skipped calibration on a resumed run)."""
-  report = getattr(qmodel, "opq_calibration", None)
   if report is None:
     return {}
   rows = report.kernels.values()
@@ -733,10 +719,11 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
         qmodel, config, strategy, data_dir)
     if chief:
       _write_json(evaluations_path, evaluations)
-  calibrate_seconds = _calibrate(qmodel, config, workdir, data_dir)
+  calibrate_seconds, calibration_report = _calibrate(qmodel, config, workdir,
+                                                    data_dir)
   if config.calibration_images and "calibrated" not in evaluations:
     evaluations["calibrated"] = evaluate(qmodel, config, strategy, data_dir)
-    evaluations["calibration"] = _calibration_summary(qmodel)
+    evaluations["calibration"] = _calibration_summary(calibration_report)
     if chief:
       _write_json(evaluations_path, evaluations)
 
@@ -753,7 +740,7 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
   else:
     target = export_dir if chief else os.path.join(tempfile.mkdtemp(), "export")
     export_report = exporting.export(
-        qmodel, target, serving_fn=serving_fn(config.image_size),
+        qmodel, target, plan=plan, serving_fn=serving_fn(config.image_size),
         input_signature=SERVING_SIGNATURE, litert=config.litert,
         litert_int8_activations=config.litert_int8_activations,
         representative_data=_representative_data(config, data_dir))

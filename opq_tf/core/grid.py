@@ -106,7 +106,7 @@ def weight_bits_ratio(sizes: Sequence[int], kept: Sequence[int],
 
 # Channel axes of a kernel (the trailing axes that index its output channels),
 # for kernels given as bare arrays; a model's layers take theirs from the layer
-# table in opq_tf/layers.py, which `register_layer` extends.
+# table in opq_tf/tf_keras/layers.py, which `register_layer` extends.
 OUTPUT_CHANNEL = (-1,)
 DEPTHWISE_CHANNELS = (-2, -1)  # (in, multiplier): one output channel each
 

@@ -1,4 +1,4 @@
-"""Loading pre-trained FP32 weights into a model from opq_tf.models.
+"""Loading pre-trained FP32 weights into a model from opq_tf.training.models.
 
     model = models.build("resnet50", num_classes=1000, image_size=224)
     pretrained.load(model, "/ckpt/resnet50.h5")      # or "imagenet"
@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import Union
 
-from opq_tf import files
-from opq_tf._keras import keras, tf
+from opq_tf.core import files
+from opq_tf.tf_keras._keras import keras, tf
 
 # Keras' own ImageNet weights (downloaded by Keras on first use).
 _KERAS_APPLICATIONS = {

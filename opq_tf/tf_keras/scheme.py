@@ -9,7 +9,7 @@ the layers of the plan are wrapped, each with its explicit `OPQQuantizeConfig`.
         annotated_model, scheme=OPQQuantizeScheme())
 """
 
-from opq_tf._keras import tfmot
+from opq_tf.tf_keras._keras import tfmot
 
 _tfmot_keras = tfmot.quantization.keras
 

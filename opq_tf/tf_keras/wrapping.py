@@ -12,52 +12,21 @@ is set to `|w| >= threshold` on the pre-trained weights and its `step` to the
 plan's step; both are non-trainable and never recomputed.
 """
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 
-from opq_tf import allocation
-from opq_tf import flatten as flatten_lib
-from opq_tf import grid
-from opq_tf import layers as layers_lib
-from opq_tf._keras import keras, tf, tfmot
-from opq_tf.quantize_configs import OPQQuantizeConfig
-from opq_tf.quantizers import OPQWeightQuantizer
-from opq_tf.scheme import OPQQuantizeScheme
+from opq_tf.core import allocation
+from opq_tf.core.contract import CompressedKernel
+from opq_tf.tf_keras import flatten as flatten_lib
+from opq_tf.core import grid
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras._keras import keras, tf, tfmot
+from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig
+from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
+from opq_tf.tf_keras.scheme import OPQQuantizeScheme
 
 _tfmot_keras = tfmot.quantization.keras
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressedKernel:
-  """One compressed kernel of a wrapped model, read back from its variables.
-
-  `kernel` is the latent FP32 kernel; the compressed kernel is
-  `mask * step * clip(round(kernel / step), -K, K)`, K = 2**(bits-1) - 1, with
-  `step` a float32 array of shape () or the channel axes' shape.
-  """
-
-  key: str
-  layer_name: str
-  weight: str
-  kind: str
-  kernel: np.ndarray
-  mask: np.ndarray
-  step: np.ndarray
-  bits: int
-  threshold: float
-  channel_axes: tuple[int, ...]
-
-  @property
-  def codes(self) -> np.ndarray:
-    """Integer codes in [-K, K], 0 where pruned (int32, kernel shape)."""
-    return grid.codes(self.kernel, self.step, self.bits, self.mask)
-
-  @property
-  def compressed(self) -> np.ndarray:
-    """mask * step * codes (float32): the kernel the wrapped model uses."""
-    return grid.dequantize(self.codes, self.step)
 
 
 def _check_model(model) -> None:
@@ -134,7 +103,9 @@ def apply(
 
   Returns:
     A Functional model of tfmot `QuantizeWrapperV2`s (planned layers) and the
-    original layers (the rest), with the plan as the attribute `opq_plan`.
+    original layers (the rest). Every mask and step is a variable of its
+    wrapper, so a clone (with its weights copied), a checkpoint or a saved
+    model keeps them; pass the plan to `export` to record it.
   """
   _check_model(model)
   if plan is None:
@@ -142,7 +113,8 @@ def apply(
       raise ValueError(
           "Without a plan, apply needs pruning_rate and bits, e.g. "
           "opq_tf.apply(model, pruning_rate=0.9, bits=4).")
-    plan = allocation.allocate(model, pruning_rate, bits, **allocate_options)
+    plan = allocation.allocate(layers_lib.compressible_kernels(model),
+                               pruning_rate, bits, **allocate_options)
   elif pruning_rate is not None or bits is not None or allocate_options:
     raise ValueError(
         "Pass either a plan or pruning_rate/bits (and allocate options), not "
@@ -171,7 +143,6 @@ def apply(
     mask = np.abs(kernel) >= planned.threshold
     variables["mask"].assign(mask.astype(np.float32))
     variables["step"].assign(planned.step_array())
-  qmodel.opq_plan = plan
   return qmodel
 
 
@@ -184,6 +155,11 @@ def _opq_weights(model: keras.Model):
     for attr, (weight, quantizer, variables) in zip(
         layer.quantize_config.weight_attrs, layer._weight_vars):  # pylint: disable=protected-access
       yield layer, attr, weight, quantizer, variables
+
+
+def is_compressed(model: keras.Model) -> bool:
+  """True if `model` holds at least one OPQ quantizer (a wrapped model)."""
+  return next(_opq_weights(model), None) is not None
 
 
 def compressed_kernels(model: keras.Model) -> list[CompressedKernel]:
@@ -223,9 +199,8 @@ def strip(model: keras.Model) -> keras.Model:
   is copied, matched by `layers.weight_key`. With FP32 activations it predicts
   what the wrapped model predicts.
 
-  The returned model carries `opq_kernels`, the `CompressedKernel`s it was
-  stripped from (latent kernels, masks, steps), which `opq_tf.calibrate` needs
-  to reconstruct a stripped model's kernels on their grids.
+  A plain model holds no mask or step: to calibrate it, pass
+  `kernels=compressed_kernels(model)` of the wrapped one.
   """
   kernels = compressed_kernels(model)
 
@@ -259,7 +234,6 @@ def strip(model: keras.Model) -> keras.Model:
         compressed[key] if key in compressed else values[key].numpy()
         for key in keys
     ])
-  stripped.opq_kernels = kernels
   return stripped
 
 

@@ -6,15 +6,17 @@ weight attribute (a SeparableConv2D has two). Activations stay FP32 unless
 tfmot's own `MovingAverageQuantizer` (asymmetric, per-tensor).
 
 The layer kinds, their weight attributes and channel axes live in
-`opq_tf.layers.KERNELS`; `register_layer` adds a user's layer class to it.
+`opq_tf.tf_keras.layers.KERNELS`, the layer table; `register_layer` adds a
+user's layer class to it.
 """
 
-from typing import Mapping, Sequence, Union
+import dataclasses
+from typing import Mapping, Optional, Sequence, Union
 
-from opq_tf import grid
-from opq_tf import layers as layers_lib
-from opq_tf._keras import keras, tfmot
-from opq_tf.quantizers import OPQWeightQuantizer
+from opq_tf.core import grid
+from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras._keras import keras, tfmot
+from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 _MovingAverageQuantizer = (
     tfmot.quantization.keras.quantizers.MovingAverageQuantizer)
@@ -23,6 +25,7 @@ _MovingAverageQuantizer = (
 def register_layer(
     layer_class: type,
     weight_attrs: Union[Sequence[str], Mapping[str, Sequence[int]]],
+    like: Optional[type] = None,
 ) -> None:
   """Makes OPQ compress `weight_attrs` of every layer of exactly `layer_class`.
 
@@ -36,6 +39,12 @@ def register_layer(
   mapping attribute -> axes; a plain list of names means (-1,) each (the
   last axis, as a Dense or Conv2D kernel), except that a weight called
   "depthwise_kernel" gets (-2, -1) (in x multiplier, as DepthwiseConv2D).
+
+  `like` names a built-in kind whose function the layer computes on those
+  weights (e.g. `keras.layers.Dense` for a Dense with an extra scale): its
+  reconstruction layout and LiteRT op then apply too. Without it the kind is
+  compressed, decayed in training and packed, but calibrate keeps its kernels
+  at plain rounding (saying so) and LiteRT export refuses it by name.
 
   The class is also registered as a Keras serializable under package `opq_tf`
   (unless it already is), so wrapped models containing it clone, save and load.
@@ -54,6 +63,8 @@ def register_layer(
       subclasses).
     weight_attrs: names of the weight attributes to compress, or a mapping
       name -> channel axes (negative, trailing: (-1,) or (-2, -1)).
+    like: optional built-in layer class of the table whose weights of the
+      same names this layer's mirror.
   """
   if not (isinstance(layer_class, type)
           and issubclass(layer_class, keras.layers.Layer)):
@@ -77,7 +88,18 @@ def register_layer(
       raise ValueError(
           f"Channel axes {axes} of {layer_class.__name__}.{attr} must be the "
           "trailing axes as negative numbers: (-1,) or (-2, -1).")
-    table[attr] = axes
+    table[attr] = layers_lib.WeightRule(axes, None, None)
+  if like is not None:
+    model_rules = layers_lib.KERNELS.get(like)
+    missing = [attr for attr in table if attr not in (model_rules or {})]
+    if missing:
+      raise ValueError(
+          f"like={getattr(like, '__name__', like)!r} has no compressed weight "
+          f"{missing[0]!r}; pass a built-in kind with the same weight names "
+          f"({', '.join(c.__name__ for c in layers_lib.KERNELS)}), or none.")
+    table = {attr: dataclasses.replace(model_rules[attr],
+                                       channel_axes=rule.channel_axes)
+             for attr, rule in table.items()}
   if keras.utils.get_registered_object(
       keras.utils.get_registered_name(layer_class)) is None:
     keras.utils.register_keras_serializable(package="opq_tf")(layer_class)

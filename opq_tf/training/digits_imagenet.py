@@ -27,10 +27,10 @@ seeded permutation per class, so it is the same on every machine.
 The test tar (ILSVRC2012_img_test.tar) is optional for the builder and is not
 written. Note: TFDS labels the validation split by *sorted position* in the val
 tar, which agrees with the file's index only for the full 50 000-image tar;
-`opq_tf.imagenet_input` therefore labels validation images by their file name.
+`opq_tf.training.imagenet_input` therefore labels validation images by their file name.
 
 Usage:
-  python -m opq_tf.digits_imagenet --manual_dir=/tmp/digits_manual
+  python -m opq_tf.training.digits_imagenet --manual_dir=/tmp/digits_manual
 """
 
 import io
@@ -44,8 +44,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from opq_tf import imagenet_manual
-from opq_tf.imagenet_manual import TRAIN_TAR, VAL_TAR
+from opq_tf.training import imagenet_manual
+from opq_tf.training.imagenet_manual import TRAIN_TAR, VAL_TAR
 
 NUM_CLASSES = 10
 MAX_VAL_PER_CLASS = 50  # validation_labels.txt holds 50 images per synset.

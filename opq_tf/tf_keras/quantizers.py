@@ -2,7 +2,7 @@
 
 Forward, for a kernel `w` with mask `M` (same shape, 0/1), step `step` (a
 scalar, or one per output channel laid out as the kernel's channel axes so that
-it broadcasts) and `K = 2**(bits - 1) - 1` (opq_tf/grid.py):
+it broadcasts) and `K = 2**(bits - 1) - 1` (opq_tf/core/grid.py):
 
     w_hat = M * step * clip(round(w / step), -K, K)
 
@@ -17,8 +17,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from opq_tf import grid
-from opq_tf._keras import keras, tf, tfmot
+from opq_tf.core import grid
+from opq_tf.tf_keras._keras import keras, tf, tfmot
 
 
 @keras.utils.register_keras_serializable(package="opq_tf")

@@ -16,7 +16,7 @@ a data_dir, once:
 
 Label i is line i of TFDS's bundled labels.txt (`synsets()`); validation image
 ILSVRC2012_val_<k> has the synset of line k of validation_labels.txt
-(`validation_synsets()`). `python -m opq_tf.digits_imagenet --manual_dir=DIR`
+(`validation_synsets()`). `python -m opq_tf.training.digits_imagenet --manual_dir=DIR`
 writes a small stand-in of the same layout from scikit-learn's digits.
 
 For a training run, `data_dirs(config, workdir)` says where a config's data
@@ -100,7 +100,7 @@ def _instructions(manual_dir: str) -> str:
       "... ILSVRC2012_val_00050000.JPEG)\n"
       f"  ({TEST_TAR} is optional and unused.)\n"
       "Or build the small embedded stand-in from scikit-learn's digits:\n"
-      f"  python -m opq_tf.digits_imagenet --manual_dir={manual_dir}"
+      f"  python -m opq_tf.training.digits_imagenet --manual_dir={manual_dir}"
   )
 
 
@@ -113,7 +113,7 @@ def _manual_dir_error(manual_dir: str, problem: str) -> ValueError:
 
 def _member_names(path: str, limit: Optional[int]) -> list[str]:
   """Names of the first `limit` members (all if None) of an uncompressed tar."""
-  from opq_tf._keras import tf  # pylint: disable=g-import-not-at-top
+  from opq_tf.tf_keras._keras import tf  # pylint: disable=g-import-not-at-top
 
   names = []
   with tf.io.gfile.GFile(path, "rb") as f:
@@ -137,7 +137,7 @@ def check_manual_dir(manual_dir: str) -> None:
   tar headers are read (the train tar has ~1000 members), not the images.
   The message of every error repeats what must be where.
   """
-  from opq_tf._keras import tf  # pylint: disable=g-import-not-at-top
+  from opq_tf.tf_keras._keras import tf  # pylint: disable=g-import-not-at-top
 
   manual_dir = os.fspath(manual_dir)
   if not tf.io.gfile.isdir(manual_dir):
@@ -282,7 +282,7 @@ def prepare_data(config: Any, workdir: str, strategy: Any) -> str:
   does not share the chief's file system then prepares its own copy.
   """
   # pylint: disable-next=g-import-not-at-top
-  from opq_tf import distribute
+  from opq_tf.training import distribute
 
   data_dir, manual_dir = data_dirs(config, workdir)
   if is_prepared(data_dir):
@@ -291,7 +291,7 @@ def prepare_data(config: Any, workdir: str, strategy: Any) -> str:
     if config.build_digits_manual_dir and not config.manual_dir and not (
         os.path.exists(os.path.join(manual_dir, VAL_TAR))):
       # pylint: disable-next=g-import-not-at-top
-      from opq_tf import digits_imagenet
+      from opq_tf.training import digits_imagenet
 
       counts = digits_imagenet.build_manual_dir(manual_dir,
                                                 image_size=config.image_size)
