@@ -1,5 +1,8 @@
 """Tests for opq_tf.apply: wrapping, fixed masks/steps in training, strip."""
 
+import os
+import tempfile
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -287,6 +290,46 @@ class ApplyTest(parameterized.TestCase):
     outputs = keras.Model(qmodel.inputs, wrapper.output)(images, training=False)
     levels = np.unique(outputs.numpy())
     self.assertLessEqual(len(levels), 256)
+
+
+class CopiedModelTest(parameterized.TestCase):
+  """A compressed model keeps its state in its variables, not in attributes:
+  a clone or a reloaded .h5 strips, calibrates and exports like the original."""
+
+  @parameterized.named_parameters(("clone", "clone"), ("h5", "h5"))
+  def test_copy_strips_calibrates_and_exports(self, how):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="dense")(x))
+    plan = opq_tf.allocate(model, pruning_rate=0.5, bits=4)
+    qmodel = opq_tf.apply(model, plan)
+    with tfmot.quantization.keras.quantize_scope():
+      if how == "clone":
+        copy = keras.models.clone_model(qmodel)
+        copy.set_weights(qmodel.get_weights())
+      else:
+        path = os.path.join(tempfile.mkdtemp(), "q.h5")
+        qmodel.save(path)
+        copy = keras.models.load_model(path)
+    images = np.random.RandomState(0).uniform(
+        size=(20, 8, 8, 3)).astype(np.float32)
+
+    np.testing.assert_array_equal(opq_tf.strip(copy)(images),
+                                  opq_tf.strip(qmodel)(images))
+    report = opq_tf.calibrate(copy, images, reconstruct=True)
+    self.assertEqual(report.batchnorm_layers, ("bn",))
+    self.assertEqual(set(report.kernels), {"conv/kernel", "dense/kernel"})
+    exported = opq_tf.export(
+        copy, os.path.join(tempfile.mkdtemp(), "out"), plan=plan)
+    self.assertEqual(exported["kept_weights"], plan.kept_weights)
+    # The reconstruction moved kept weights only; masks and steps are the
+    # original's.
+    for got, want in zip(wrapping.compressed_kernels(copy),
+                         wrapping.compressed_kernels(qmodel)):
+      np.testing.assert_array_equal(got.mask, want.mask)
+      np.testing.assert_array_equal(got.step, want.step)
 
 
 if __name__ == "__main__":
