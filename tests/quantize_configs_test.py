@@ -1,5 +1,8 @@
 """Tests for opq_tf.tf_keras.quantize_configs: OPQQuantizeConfig and register_layer."""
 
+import os
+import tempfile
+
 from absl.testing import absltest
 import numpy as np
 
@@ -153,6 +156,46 @@ class RegisterLayerTest(absltest.TestCase):
         model_with(MyDepthwise(3, depth_multiplier=2, name="dw")),
         0.5, 4).kernels[0]
     self.assertEqual(np.shape(last_axis.step), (2,))
+
+  def test_registered_kind_is_handled_everywhere_or_refused_by_name(self):
+    register_layer(ScaledDense, ["kernel"])
+    model = self._model()
+    qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=3)
+    images = np.random.RandomState(0).normal(size=(64, 6)).astype(np.float32)
+
+    # Both kernels, no bias.
+    self.assertEqual([tuple(v.shape) for v in layers_lib.decayed_weights(qmodel)],
+                     [(6, 16), (16, 3)])
+    report = opq_tf.calibrate(qmodel, images, batchnorm=False,
+                              reconstruct=True, min_samples_per_weight=1.0)
+    row = report.kernels["scaled/kernel"]
+    self.assertEqual(row.method, "plain rounding")
+    self.assertIn("like=", row.reason)
+    self.assertIsNotNone(report.kernels["dense/kernel"].error_after)
+    directory = os.path.join(tempfile.mkdtemp(), "out")
+    with self.assertRaisesRegex(ValueError, "ScaledDense names no LiteRT op"):
+      opq_tf.export(qmodel, directory, formats=("packed", "litert"))
+    self.assertFalse(os.path.exists(directory))
+    opq_tf.export(qmodel, directory, formats=("packed",))
+    rebuilt = opq_tf.load_packed(os.path.join(directory, "model.opq"),
+                                 self._model)
+    np.testing.assert_array_equal(rebuilt(images), opq_tf.strip(qmodel)(images))
+
+  def test_registered_like_a_dense_reconstructs_and_converts(self):
+    register_layer(ScaledDense, ["kernel"], like=keras.layers.Dense)
+    qmodel = opq_tf.apply(self._model(), pruning_rate=0.5, bits=3)
+    images = np.random.RandomState(0).normal(size=(64, 6)).astype(np.float32)
+    report = opq_tf.calibrate(qmodel, images, batchnorm=False,
+                              reconstruct=True, min_samples_per_weight=1.0)
+    self.assertNotIn("like=", report.kernels["scaled/kernel"].reason)
+    self.assertIsNotNone(report.kernels["scaled/kernel"].error_after)
+    exported = opq_tf.export(qmodel, os.path.join(tempfile.mkdtemp(), "out"),
+                             formats=("packed", "litert"))
+    self.assertEqual(exported["litert"]["kernels_int8"], 2)
+
+  def test_like_must_have_the_same_weights(self):
+    with self.assertRaisesRegex(ValueError, "has no compressed weight 'taps'"):
+      register_layer(ScaledDense, ["taps"], like=keras.layers.Dense)
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(TypeError, "pass the class itself"):
