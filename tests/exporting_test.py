@@ -302,6 +302,55 @@ class ExportTest(parameterized.TestCase):
         load_packed(path, _build_model)
     decode.assert_not_called()
 
+  def test_non_finite_weights_are_refused_by_name_and_nothing_written(self):
+    for position, pattern in (("kept", "Kernel conv1/kernel"),
+                              ("pruned", "Kernel conv1/kernel"),
+                              ("batchnorm", "Weight 'bn1/moving_mean'")):
+      qmodel = apply(_pretrained_model(), pruning_rate=0.5, bits=4)
+      (kernel, *_) = compressed_kernels(qmodel)
+      if position == "batchnorm":
+        layer = qmodel.get_layer("bn1")
+        layer.moving_mean.assign(np.full(layer.moving_mean.shape, np.nan))
+      else:
+        wrapper = qmodel.get_layer("quant_conv1")
+        variable = wrapper._weight_vars[0][0]  # pylint: disable=protected-access
+        values = variable.numpy()
+        index = np.argwhere(kernel.mask == (position == "kept"))[0]
+        values[tuple(index)] = np.nan
+        variable.assign(values)
+      target = os.path.join(self.root, f"nan_{position}")
+      with self.assertRaisesRegex(ValueError, f"{pattern}.*NaN or Inf"):
+        export(qmodel, target)
+      self.assertFalse(os.path.exists(target))
+
+  def test_unwritable_target_is_named_and_leftovers_are_removed(self):
+    blocker = os.path.join(self.root, "a_file")
+    open(blocker, "w").close()
+    target = os.path.join(blocker, "export")
+    with self.assertRaisesRegex(OSError, f"Cannot export to '{target}'"):
+      export(self.qmodel, target, formats=("packed",))
+    # What a SIGKILL during an export leaves behind goes with the next one.
+    target = os.path.join(self.root, "after_kill")
+    leftover = os.path.join(self.root, ".after_kill.tmp-999999999-dead0000")
+    os.makedirs(os.path.join(leftover, "saved_model"))
+    export(self.qmodel, target, formats=("packed",))
+    self.assertFalse(os.path.exists(leftover))
+    self.assertEqual(sorted(os.listdir(target)), ["model.opq", "report.json"])
+
+  def test_load_packed_names_the_automatic_names_cause_and_fix(self):
+    def build():
+      return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+
+    keras.backend.clear_session()
+    target = os.path.join(self.root, "auto_names")
+    export(apply(build(), pruning_rate=0.5, bits=4), target,
+           formats=("packed",))
+    path = os.path.join(target, "model.opq")
+    with self.assertRaisesRegex(ValueError, "'dense_1'.*clear_session"):
+      load_packed(path, build)  # The second build is named dense_1.
+    keras.backend.clear_session()
+    self.assertEqual(load_packed(path, build).layers[0].name, "dense")
+
   def test_load_packed_corrupt_file_raises(self):
     path = os.path.join(self.workdir, "model.opq")
     with open(os.path.join(self.directory, "model.opq"), "rb") as f:

@@ -1,6 +1,7 @@
 """Tests for opq_tf.core.files: nothing half-written."""
 
 import os
+import subprocess
 import tempfile
 
 from absl.testing import absltest
@@ -38,6 +39,18 @@ class AtomicTest(absltest.TestCase):
       files.atomic_write(os.path.join(temp, "x"), b"\0")
     self.assertEqual(os.listdir(target), ["x"])
     self.assertEqual(os.listdir(os.path.dirname(target)), ["export"])
+
+  def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(self):
+    # A writer killed with SIGKILL leaves its temporary; a live one's stays.
+    killed = subprocess.Popen(["sleep", "0"])
+    killed.wait()
+    dead = os.path.join(self.directory, f".out.json.tmp-{killed.pid}-abcd1234")
+    os.mkdir(dead)
+    live = os.path.join(self.directory, f".out.json.tmp-{os.getpid()}-live0000")
+    open(live, "w").close()
+    files.write_json(self.path, {})
+    self.assertCountEqual(os.listdir(self.directory),
+                          ["out.json", os.path.basename(live)])
 
 
 if __name__ == "__main__":

@@ -258,6 +258,13 @@ class FileTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "does not: extra/bias"):
       packing.read_packed(self.path, expected_shapes=expected)
 
+  def test_non_finite_values_are_refused_on_reading(self):
+    name = sorted(self.rest)[0]
+    broken = {**self.rest, name: np.full_like(self.rest[name], np.nan)}
+    packing.write_packed(self.path, self.entries, broken)
+    with self.assertRaisesRegex(ValueError, f"NaN.*{name}"):
+      packing.read_packed(self.path)
+
   def test_old_format_version_is_named(self):
     packing.write_packed(self.path, self.entries, self.rest)
     with open(self.path, "rb") as f:

@@ -29,7 +29,9 @@ def atomic_path(path: PathLike) -> Iterator[str]:
   path = os.path.abspath(os.fspath(path))
   parent, base = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
-  temp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+  _remove_leftovers(parent, base)
+  temp = os.path.join(parent,
+                      f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
     yield temp
     os.replace(temp, path)
@@ -38,6 +40,40 @@ def atomic_path(path: PathLike) -> Iterator[str]:
       shutil.rmtree(temp, ignore_errors=True)
     elif os.path.lexists(temp):
       os.remove(temp)
+
+
+def _remove_leftovers(parent: str, base: str) -> None:
+  """Removes temporaries of `base` left by processes that no longer run.
+
+  A process killed while writing (SIGKILL, power loss) cannot clean up; the
+  next write of the same target does. A temporary names its writer's pid, so
+  one of a live process (a concurrent writer on this machine) is kept.
+  """
+  prefix = f".{base}.tmp-"
+  for name in os.listdir(parent):
+    if not name.startswith(prefix):
+      continue
+    pid = name[len(prefix):].split("-", 1)[0]
+    if pid.isdigit() and _alive(int(pid)):
+      continue
+    leftover = os.path.join(parent, name)
+    if os.path.isdir(leftover) and not os.path.islink(leftover):
+      shutil.rmtree(leftover, ignore_errors=True)
+    else:
+      try:
+        os.remove(leftover)
+      except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Someone else's process: alive.
+    return True
+  return True
 
 
 def atomic_write(path: PathLike, data: Union[bytes, str]) -> None:

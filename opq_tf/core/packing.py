@@ -476,6 +476,15 @@ def read_packed(
           outer.take(4 * size), dtype="<f4").astype(np.float32).reshape(shape)
     if outer.pos != len(body):
       raise ValueError(f"{len(body) - outer.pos} unexpected trailing bytes")
+    broken = [name for name, _, _, step, _ in specs
+              if not np.all(np.isfinite(step)) or not np.all(step > 0)]
+    broken += [name for name, values in rest.items()
+               if not np.all(np.isfinite(values))]
+    if broken:
+      raise _Mismatch(
+          f"{os.fspath(path)!r} holds NaN, Inf or non-positive steps in "
+          f"{_listing(broken)}; the exported model was broken: fix its "
+          "weights and re-export.")
   except (_Mismatch, _TooLarge):
     raise
   except (ValueError, zlib.error, UnicodeDecodeError, struct.error) as error:

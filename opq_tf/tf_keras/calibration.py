@@ -51,6 +51,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
+import time
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -103,6 +105,7 @@ def calibrate(
     damping: float = DEFAULT_DAMPING,
     min_samples_per_weight: float = DEFAULT_MIN_SAMPLES_PER_WEIGHT,
     kernels: Optional[Sequence[CompressedKernel]] = None,
+    verbose: bool = True,
 ) -> CalibrationReport:
   """Re-estimates BatchNorm statistics and/or reconstructs kernels, in place.
 
@@ -180,12 +183,15 @@ def calibrate(
                       if isinstance(layer, keras.layers.BatchNormalization)]
       with (_batch_statistics_mode(bn_layers + reference_bn) if batchnorm
             else contextlib.nullcontext()):
+        progress = _Progress(len(kernels), verbose)
         for kernel in kernels:
           rows[kernel.key] = _reconstruct_kernel(
               model, reference, kernel, kernels, batches, damping,
               min_samples_per_weight)
+          progress.done(kernel.key, rows[kernel.key].method)
       if batchnorm and bn_layers:
         _reestimate_batchnorm(model, bn_layers, batches)
+    _check_finite(kernels, bn_layers)
   except BaseException:
     for variable, value in saved:
       variable.assign(value)
@@ -193,6 +199,50 @@ def calibrate(
   report = CalibrationReport(len(images), tuple(reestimated), rows)
   logging.info("opq_tf.calibrate: %s", report.table())
   return report
+
+
+class _Progress:
+  """One stderr line per reconstructed kernel: `calibrate: 3/28 conv/kernel
+  reconstructed in 1.2 s, ~30 s left` (the estimate: mean time per kernel so
+  far times the kernels left)."""
+
+  def __init__(self, total: int, verbose: bool):
+    self.total, self.verbose = total, verbose
+    self.count, self.started = 0, time.monotonic()
+    self.last = self.started
+
+  def done(self, key: str, method: str) -> None:
+    now = time.monotonic()
+    self.count += 1
+    if self.verbose:
+      left = (now - self.started) / self.count * (self.total - self.count)
+      print(f"calibrate: {self.count}/{self.total} {key} {method} in "
+            f"{now - self.last:.1f} s, ~{left:.0f} s left", file=sys.stderr,
+            flush=True)
+    self.last = now
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+  """Raises a ValueError naming `what` if `values` holds a NaN or an Inf."""
+  if not np.all(np.isfinite(values)):
+    raise ValueError(
+        f"{what} holds NaN or Inf; the model's weights or the calibration "
+        "data are broken there. Restore the weights (e.g. an earlier "
+        "checkpoint) or fix the data, then compress or calibrate again.")
+
+
+def _check_finite(kernels: list[_Kernel], bn_layers) -> None:
+  """After calibration: every kernel, step and BatchNorm statistic finite."""
+  for kernel in kernels:
+    check_finite(kernel.variable.numpy(), f"Kernel {kernel.key}")
+    check_finite(kernel.step, f"The step of {kernel.key}")
+    bias = _bias_of(kernel)
+    if bias is not None:
+      check_finite(bias.numpy(), f"The bias of {kernel.key}")
+  for layer in bn_layers:
+    for variable in (layer.moving_mean, layer.moving_variance):
+      check_finite(variable.numpy(), f"BatchNorm {layer.name!r} "
+                   f"{variable.name.rsplit('/', 1)[-1].split(':')[0]}")
 
 
 def _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
@@ -322,6 +372,11 @@ def _calibration_images(model, data, max_images: int,
     raise TypeError(
         f"calibrate needs images as a NumPy array {example} or a "
         f"tf.data.Dataset, got {type(data).__name__}.")
+  if not np.all(np.isfinite(images)):
+    raise ValueError(
+        "The calibration images hold NaN or Inf values; they would make every "
+        "BatchNorm statistic NaN. Decode and preprocess them as for "
+        "evaluation, and drop broken images, first.")
   if images.ndim != len(input_shape) or any(
       want is not None and got != want
       for got, want in zip(images.shape[1:], input_shape[1:])):

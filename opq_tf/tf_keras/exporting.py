@@ -26,6 +26,7 @@ from opq_tf.core import report as report_lib
 from opq_tf.tf_keras import packed as packed_lib
 from opq_tf.tf_keras import saved_model as saved_model_lib
 from opq_tf.tf_keras._keras import keras, tf
+from opq_tf.tf_keras.calibration import check_finite
 from opq_tf.tf_keras.packed import load_packed, named_weights  # noqa: F401
 from opq_tf.tf_keras.wrapping import compressed_kernels, strip
 
@@ -113,6 +114,9 @@ def export(
   formats = _check_formats(formats, litert)
   _check_target(directory)
   kernels = compressed_kernels(model)
+  for kernel in kernels:  # A NaN latent weight is NaN even where pruned.
+    check_finite(kernel.kernel, f"Kernel {kernel.key}")
+    check_finite(kernel.step, f"The step of {kernel.key}")
   stripped = strip(model)
   concrete = (saved_model_lib.serving_function(stripped, serving_fn,
                                                input_signature)
@@ -148,11 +152,15 @@ def export(
       _check_target(directory)
       if os.path.isdir(directory):
         os.rmdir(directory)
-  except BaseException:
+  except BaseException as error:
     for path in created:
       try:
         os.rmdir(path)
       except OSError:
         break
+    if isinstance(error, OSError):  # It names the hidden temporary: say
+      raise OSError(                  # which target, and what to do.
+          f"Cannot export to {directory!r}: {error.strerror or error}; "
+          "choose a directory you can write to.") from error
     raise
   return report

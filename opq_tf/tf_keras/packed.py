@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -81,6 +82,12 @@ def write(kernels, stripped: keras.Model, directory: str):
   packed_names = {kernel.name for kernel in packed}
   rest = {name: np.asarray(variable.numpy(), np.float32)
           for name, variable in names.items() if name not in packed_names}
+  for name, values in rest.items():
+    if not np.all(np.isfinite(values)):
+      raise ValueError(
+          f"Weight {name!r} holds NaN or Inf, so the export would ship a "
+          "broken model; restore the weights (e.g. an earlier checkpoint) or "
+          "re-run calibration on finite images first.")
   stats = packing.write_packed(os.path.join(directory, FILE), packed, rest)
   return packed, rest, stats
 
@@ -117,6 +124,24 @@ def _build(model_fn_or_architecture) -> keras.Model:
   return model
 
 
+def _automatic_names_hint(model: keras.Model) -> str:
+  """Why names differ when a model function ran twice in one process.
+
+  Keras numbers automatic layer names per process ("normalization",
+  "normalization_1", ...), so a second build of the same architecture gets
+  other names than the exported one had, and nothing matches.
+  """
+  numbered = sorted(layer.name for layer in layers_lib.iter_layers(model)
+                    if re.fullmatch(r".+_\d+", layer.name))
+  if not numbered:
+    return ""
+  return (f". The model's layers have automatic numbered names (e.g. "
+          f"{numbered[0]!r}): Keras numbers them per process, so building the "
+          "architecture again gives other names than the exported model had. "
+          "Call keras.backend.clear_session() before building it, or give its "
+          "layers explicit names")
+
+
 def load_packed(
     path: Union[str, os.PathLike],
     model_fn_or_architecture: Union[Callable[[], keras.Model], str, dict],
@@ -147,7 +172,8 @@ def load_packed(
         path, expected_shapes=expected,
         max_elements=sum(int(np.prod(s)) for s in expected.values()))
   except ValueError as error:
-    raise ValueError(f"Model {model.name!r} cannot load it: {error}") from error
+    raise ValueError(f"Model {model.name!r} cannot load it: {error}"
+                     f"{_automatic_names_hint(model)}") from error
   values = {kernel.name: kernel.values() for kernel in kernels}
   values.update(rest)
   for name, variable in variables.items():
