@@ -7,8 +7,8 @@ Measures what `trainers.run_default` runs, with the trainer's own parts:
 configs/default.py (small_resnet on the digits stand-in of ImageNet: 1,297
 train / 500 validation images, 32x32, its TFDS imagenet2012 records and input
 pipeline), FP32 weights from `training.train_fp32` (cached in --workdir),
-`training.make_train_step` (coupled L2 on the kernels, `kernel_l2`) and
-`training.make_eval_step` under `distribute.make_strategy`, and the config's
+`loop.make_train_step` (coupled L2 on the kernels, `kernel_l2`) and
+`loop.make_eval_step` under `distribute.make_strategy`, and the config's
 finetuning recipe (SGD momentum, warmup + cosine learning rate, weight decay).
 Every method starts from the same FP32 weights and gets the same steps; a seed
 changes the finetuning data order.
@@ -48,10 +48,12 @@ from opq_tf.training import distribute  # noqa: E402
 from opq_tf.core import files  # noqa: E402
 from opq_tf.core import grid  # noqa: E402
 from opq_tf.training import imagenet_input  # noqa: E402
-from opq_tf.training import imagenet_manual  # noqa: E402
+from opq_tf.training import data  # noqa: E402
 from opq_tf.tf_keras import layers as layers_lib  # noqa: E402
 from opq_tf.training import models  # noqa: E402
 from opq_tf.training import pretrained  # noqa: E402
+from opq_tf.training import layout  # noqa: E402
+from opq_tf.training import loop  # noqa: E402
 from opq_tf.training import training  # noqa: E402
 from opq_tf.tf_keras import wrapping  # noqa: E402
 from opq_tf.tf_keras._keras import keras, tf, tfmot  # noqa: E402
@@ -101,7 +103,7 @@ class Bench:
 
   def __init__(self, config, workdir: str, strategy: tf.distribute.Strategy):
     self.config, self.workdir, self.strategy = config, workdir, strategy
-    self.data_dir = imagenet_manual.prepare_data(config, workdir, strategy)
+    self.data_dir = data.prepare_data(config, workdir, strategy)
     self.steps_per_epoch = (
         imagenet_input.num_examples(self.data_dir, "train")
         // config.global_batch_size)
@@ -119,7 +121,7 @@ class Bench:
 
   def evaluator(self, model: keras.Model):
     """() -> top-1 accuracy on the validation split (one traced eval step)."""
-    eval_step = training.make_eval_step(model, self.strategy)
+    eval_step = loop.make_eval_step(model, self.strategy)
 
     def evaluate() -> float:
       totals = np.zeros(4)
@@ -142,9 +144,9 @@ class Bench:
         break
     return np.concatenate(parts)[:count]
 
-  def schedule(self, epochs: int) -> training.WarmupCosine:
+  def schedule(self, epochs: int) -> loop.WarmupCosine:
     """The config's finetuning learning rate over `epochs` epochs."""
-    return training.WarmupCosine(
+    return loop.WarmupCosine(
         self.config.learning_rate,
         round(self.config.warmup_epochs * self.steps_per_epoch),
         epochs * self.steps_per_epoch)
@@ -157,7 +159,7 @@ class Bench:
                                        jit_compile=self.config.jit_compile)
       optimizer.build(model.trainable_variables)
     optimizer.iterations.assign(start_step)
-    train_step = training.make_train_step(
+    train_step = loop.make_train_step(
         model, optimizer, self.strategy,
         global_batch_size=self.config.global_batch_size,
         weight_decay=float(self.config.weight_decay))
@@ -425,7 +427,7 @@ def markdown(results: list, context: dict) -> str:
       f"images), strategy {context['strategy']} ({context['replicas']} "
       f"replica(s)); FP32 top-1 **{_pct(fp32)}%** (`training.train_fp32`, "
       f"{context['fp32_epochs']} epochs).",
-      f"- Finetuning: `training.make_train_step`, {context['epochs']} epochs "
+      f"- Finetuning: `loop.make_train_step`, {context['epochs']} epochs "
       f"of {context['steps_per_epoch']} steps, batch "
       f"{context['global_batch_size']}, SGD momentum {context['momentum']}, "
       f"lr {context['learning_rate']} (warmup {context['warmup_epochs']} "
@@ -584,10 +586,10 @@ def main(argv):
 
   bench = Bench(config, FLAGS.workdir, strategy)
   fp32_seconds = time.perf_counter()
-  training.train_fp32(config, FLAGS.workdir, strategy)
+  training.train_fp32(config, FLAGS.workdir, strategy, bench.data_dir)
   fp32_seconds = time.perf_counter() - fp32_seconds
   fp32 = bench.build()
-  pretrained.load(fp32, os.path.join(FLAGS.workdir, training.FP32_WEIGHTS))
+  pretrained.load(fp32, os.path.join(FLAGS.workdir, layout.FP32_WEIGHTS))
   fp32_accuracy = bench.evaluator(fp32)()
   reference = kernels(fp32)
   print(f"FP32: top-1 {fp32_accuracy:.4f}, "

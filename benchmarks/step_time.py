@@ -4,13 +4,13 @@
     python -m benchmarks.step_time --batch_size=64   # on a GPU: 64 or more
     python -m benchmarks.step_time --quick     # configs/default.py, 2 steps
 
-Times the trainer's own step, `training.make_train_step` (cross-entropy over
+Times the trainer's own step, `loop.make_train_step` (cross-entropy over
 the global batch + the config's `kernel_l2` weight decay, SGD momentum, the
 all-reduce), under the strategy the trainers use (`distribute.make_strategy`,
 --strategy / --cpu_devices as in trainers/), with and without its
 jit_compile (XLA for the forward/backward pass). Models, pruning rate p, bits
 B and the allocation options come from the configs (configs/<name>.py:
-`models.build(config.model, ...)`, config.pruning_rate, config.bits, ...);
+`models.build(config.model, ...)`, planning.allocate_options(config));
 only the image size and batch are flags (a 2-core CPU cannot run 224x224 at
 the configs' batch 256).
 
@@ -55,7 +55,8 @@ import opq_tf
 from opq_tf.training import distribute
 from opq_tf.core import files
 from opq_tf.training import models
-from opq_tf.training import training
+from opq_tf.training import loop
+from opq_tf.training import planning
 from opq_tf.tf_keras import wrapping
 from opq_tf.tf_keras._keras import keras, tf, tfmot
 from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
@@ -187,10 +188,7 @@ def _build_variants(config: ml_collections.ConfigDict, image_size: int,
   plans = []
 
   def opq():
-    plan = opq_tf.allocate(
-        base, config.pruning_rate, config.bits, method=config.method,
-        objective=config.objective, step_granularity=config.step_granularity,
-        step_stats=config.step_stats)
+    plan = opq_tf.allocate(base, **planning.allocate_options(config))
     plans.append(plan)
     return wrapping.apply(base, plan,
                           quantize_activations=config.quantize_activations)
@@ -296,7 +294,7 @@ def time_model(name: str, batch_size: int, image_size: int, steps: int,
                   config.learning_rate, momentum=config.momentum,
                   jit_compile=False)
               optimizers[variant].build(model.trainable_variables)
-          function = training.make_train_step(
+          function = loop.make_train_step(
               model, optimizers[variant], strategy,
               global_batch_size=batch_size,
               weight_decay=float(config.weight_decay), jit_compile=jit_compile)
@@ -386,7 +384,7 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
       f"Python {platform.python_version()}",
       f"- Load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}.",
       f"- Command: `{settings['command']}`",
-      f"- Step: `training.make_train_step` under {settings['strategy']} "
+      f"- Step: `loop.make_train_step` under {settings['strategy']} "
       f"({settings['replicas']} replica(s)), global batch "
       f"{settings['batch_size']}, {settings['warmup']} untimed + "
       f"{settings['steps']} timed steps per variant (the first untimed one "

@@ -17,7 +17,7 @@ going from 4 to 3 bits halves the grid (15 -> 7 levels) for the small conv
 layers whose error matters most; B = 5 would need 95.4 %.
 
 Finetuning (paper): global batch 256, SGD momentum 0.9, weight decay 1e-4,
-lr 0.005; coupled L2 on the kernels (see opq_tf/training/training.py). Schedule (our
+lr 0.005; coupled L2 on the kernels (see opq_tf/training/loop.py). Schedule (our
 choice, the paper gives none here): 20 epochs, 1-epoch linear warmup, cosine
 decay to 0 (reasons in configs/resnet50.py).
 

@@ -18,7 +18,7 @@ need 72.5 % sparsity.
 
 Finetuning (paper): global batch 256, SGD momentum 0.9, weight decay 1e-4,
 lr 0.005; coupled L2 on the kernels, depthwise included (see
-opq_tf/training/training.py). Schedule (our choice): 20 epochs, 1-epoch linear warmup,
+opq_tf/training/loop.py). Schedule (our choice): 20 epochs, 1-epoch linear warmup,
 cosine decay to 0 (reasons in configs/resnet50.py).
 
 The FP32 fields are a from-scratch SGD recipe (90 epochs, lr 0.1 at batch

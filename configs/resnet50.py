@@ -15,7 +15,7 @@ magnitude pruning of ResNet-50 reaches with finetuning (~80 %, Zhu & Gupta
 
 Finetuning (paper): global batch 256, SGD momentum 0.9, weight decay 1e-4,
 lr 0.005. Weight decay is coupled L2 on the conv/dense kernels (grad += wd·W,
-PyTorch SGD's weight_decay restricted to kernels; see opq_tf/training/training.py).
+PyTorch SGD's weight_decay restricted to kernels; see opq_tf/training/loop.py).
 The paper does not give the epoch count or schedule here; our choice is 20
 epochs with a 1-epoch linear warmup then cosine decay to 0: the warmup keeps
 the first large steps (zero momentum state, freshly quantized weights) small,

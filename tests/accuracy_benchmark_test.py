@@ -4,7 +4,7 @@ The quick run prepares the digits stand-in, trains configs/default.py's FP32
 model for a few epochs with training.train_fp32, compresses it with opq,
 opq_total, uniform and global_magnitude (opq_tf, BatchNorm calibrated) and
 the tfmot baseline at (0.5, 8), finetunes each for 2 epochs with
-training.make_train_step and writes the tables, the plot and results.json.
+loop.make_train_step and writes the tables, the plot and results.json.
 About 1.5 min on an idle 2-core machine.
 """
 

@@ -14,14 +14,21 @@ from opq_tf.core import allocation
 from opq_tf.training import checks
 from opq_tf.training import distribute
 from opq_tf.core import grid
+from opq_tf.training import layout
 from opq_tf.training import models
-from opq_tf.training import training
+from opq_tf.training import planning
 from opq_tf.tf_keras._keras import keras
 import cpu_devices
 import digits_data
 
 
 cpu_devices.split_cpu()
+
+
+def _validate(config, strategy, workdir, **options) -> None:
+  """checks.validate against configs/default.py, as the trainers call it."""
+  checks.validate(config, strategy, workdir,
+                  default_config=default.get_config(), **options)
 
 
 class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
@@ -45,39 +52,40 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
 
   def test_a_good_config_passes_and_writes_nothing(self):
     for phase in checks.PHASES:
-      checks.validate(self.config(pretrained=self.fp32_weights),
-                      self.one_device, self.workdir("never"), phase=phase)
+      _validate(self.config(pretrained=self.fp32_weights),
+                self.one_device, self.workdir("never"), phase=phase)
     self.assertFalse(os.path.exists(self.workdir("never")))
 
   def test_fields_are_those_of_the_default_config(self):
-    self.assertEqual(set(checks.fields()), set(default.get_config().keys()))
-    self.assertIn("method", checks.fields())
-    self.assertNotIn("allocation", checks.fields())
+    fields = checks.fields(default.get_config())
+    self.assertEqual(set(fields), set(default.get_config().keys()))
+    self.assertIn("method", fields)
+    self.assertNotIn("allocation", fields)
 
   def test_renamed_field_names_the_new_one(self):
     config = self.config()
     config.allocation = "opq"
     with self.assertRaisesRegex(ValueError, r"config\.allocation is now "
                                 r"config\.method.*--config\.method="):
-      checks.validate(config, self.one_device, self.workdir("never"))
+      _validate(config, self.one_device, self.workdir("never"))
 
   def test_bits_range_is_the_grids(self):
-    checks.validate(self.config(bits=grid.MIN_BITS), self.one_device,
-                    self.workdir("never"), phase="fp32")
-    checks.validate(self.config(bits=grid.MAX_BITS), self.one_device,
-                    self.workdir("never"), phase="fp32")
+    _validate(self.config(bits=grid.MIN_BITS), self.one_device,
+              self.workdir("never"), phase="fp32")
+    _validate(self.config(bits=grid.MAX_BITS), self.one_device,
+              self.workdir("never"), phase="fp32")
     for bits in (grid.MIN_BITS - 1, grid.MAX_BITS + 1):
       with self.assertRaisesRegex(ValueError, f"config.bits={bits} is invalid"):
-        checks.validate(self.config(bits=bits), self.one_device,
-                        self.workdir("never"))
+        _validate(self.config(bits=bits), self.one_device,
+                  self.workdir("never"))
 
   def test_jit_compile_is_refused_for_synchronized_batchnorm_on_replicas(self):
     with self.assertRaisesRegex(ValueError, "jit_compile=True cannot compile "
                                 "small_resnet's synchronized BatchNorm"):
-      checks.validate(self.config(jit_compile=True), self.mirrored,
-                      self.workdir("never"), phase="fp32")
-    checks.validate(self.config(jit_compile=True), self.one_device,
-                    self.workdir("never"), phase="fp32")
+      _validate(self.config(jit_compile=True), self.mirrored,
+                self.workdir("never"), phase="fp32")
+    _validate(self.config(jit_compile=True), self.one_device,
+              self.workdir("never"), phase="fp32")
 
   @parameterized.named_parameters(
       ("model", {"model": "vgg16"}, "config.model='vgg16' is invalid"),
@@ -111,64 +119,73 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
   )
   def test_validate_rejects(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
-      checks.validate(self.config(**overrides), self.one_device,
-                      self.workdir("never"), phase="all")
+      _validate(self.config(**overrides), self.one_device,
+                self.workdir("never"), phase="all")
     self.assertFalse(os.path.exists(self.workdir("never")))
 
   def test_validate_rejects_unknown_field_and_indivisible_batch(self):
     config = self.config()
     config.learning_rat = 0.1
     with self.assertRaisesRegex(ValueError, r"Unknown config field.*learning_rat"):
-      checks.validate(config, self.one_device, self.workdir("never"))
+      _validate(config, self.one_device, self.workdir("never"))
     with self.assertRaisesRegex(ValueError, "not divisible by the 2 replicas"):
-      checks.validate(self.config(global_batch_size=15), self.mirrored,
-                      self.workdir("never"))
+      _validate(self.config(global_batch_size=15), self.mirrored,
+                self.workdir("never"))
     with self.assertRaisesRegex(
         ValueError, "global_batch_size=63 is not divisible by the 2 replicas"):
-      checks.validate(self.config(global_batch_size=63), self.mirrored,
-                      self.workdir("never"))
+      _validate(self.config(global_batch_size=63), self.mirrored,
+                self.workdir("never"))
 
   def test_validate_rejects_unusable_workdirs(self):
     a_file = os.path.join(self.root, "a_file")
     open(a_file, "w").close()
     with self.assertRaisesRegex(ValueError, "is a file"):
-      checks.validate(self.config(), self.one_device, a_file)
+      _validate(self.config(), self.one_device, a_file)
     with self.assertRaisesRegex(ValueError, "cannot be created"):
-      checks.validate(self.config(), self.one_device,
-                        os.path.join(a_file, "run"))
+      _validate(self.config(), self.one_device, os.path.join(a_file, "run"))
     with self.assertRaisesRegex(ValueError, "not writable"):
-      checks.validate(self.config(), self.one_device, "/proc/opq_run")
+      _validate(self.config(), self.one_device, "/proc/opq_run")
     # Root may write anywhere but on a read-only file system.
     with self.assertRaisesRegex(
         ValueError, "workdir '/proc/opq_trainers_test' is not writable"):
-      checks.validate(self.config(), self.one_device, "/proc/opq_trainers_test")
+      _validate(self.config(), self.one_device, "/proc/opq_trainers_test")
 
   def test_validate_rejects_a_plan_made_for_other_settings(self):
     workdir = self.workdir("other_plan")
     os.makedirs(workdir)
     model = models.build("small_resnet", 10, 32)
     plan = opq_tf.allocate(model, 0.5, 3)
-    with open(os.path.join(workdir, training.PLAN_FILE), "w") as f:
+    with open(os.path.join(workdir, layout.PLAN_FILE), "w") as f:
       f.write(plan.to_json())
     config = self.config(pretrained=self.fp32_weights)
     with self.assertRaisesRegex(ValueError, "plan.json was computed for"):
-      checks.validate(config, self.one_device, workdir, phase="compress")
+      _validate(config, self.one_device, workdir, phase="compress")
+    # Every allocation field counts: a plan of the config's p and B with
+    # Laplace-model steps is not this config's.
+    plan = opq_tf.allocate(model, **planning.allocate_options(
+        self.config(step_fit="laplace")))
+    with open(os.path.join(workdir, layout.PLAN_FILE), "w") as f:
+      f.write(plan.to_json())
+    with self.assertRaisesRegex(ValueError, "'step_fit': 'laplace'"):
+      _validate(config, self.one_device, workdir, phase="compress")
+    _validate(self.config(pretrained=self.fp32_weights, step_fit="laplace"),
+              self.one_device, workdir, phase="compress")
 
   def test_validate_needs_fp32_weights_to_compress(self):
     with self.assertRaisesRegex(ValueError, "No FP32 weights"):
-      checks.validate(self.config(), self.one_device, self.workdir("never"),
-                      phase="compress")
+      _validate(self.config(), self.one_device, self.workdir("never"),
+                phase="compress")
 
   def test_validate_rejects_mismatched_pretrained_weights(self):
     path = os.path.join(self.root, "seven_classes.h5")
     models.build("small_resnet", 7, 32).save_weights(path)
     with self.assertRaisesRegex(ValueError, r"'logits'.*\(128, 7\).*\(128, 10\)"):
-      checks.validate(self.config(pretrained=path), self.one_device,
-                      self.workdir("never"))
+      _validate(self.config(pretrained=path), self.one_device,
+                self.workdir("never"))
     with self.assertRaisesRegex(
         ValueError, r"layer 'logits' weight 'logits/kernel.*\(128, 7\).*\(128, 10\)"):
-      checks.validate(self.config(pretrained=path), self.one_device,
-                      self.workdir("never"), phase="compress")
+      _validate(self.config(pretrained=path), self.one_device,
+                self.workdir("never"), phase="compress")
 
 
 class UserModelChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
@@ -195,8 +212,8 @@ class UserModelChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
     return config
 
   def test_an_applications_model_with_its_weights_passes(self):
-    checks.validate(self.config(), self.one_device,
-                    os.path.join(self.root, "never"), phase="compress")
+    _validate(self.config(), self.one_device,
+              os.path.join(self.root, "never"), phase="compress")
     self.assertFalse(os.path.exists(os.path.join(self.root, "never")))
 
   @parameterized.named_parameters(
@@ -224,16 +241,16 @@ class UserModelChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
   )
   def test_validate_rejects(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
-      checks.validate(self.config(**overrides), self.one_device,
-                      os.path.join(self.root, "never"), phase="compress")
+      _validate(self.config(**overrides), self.one_device,
+                os.path.join(self.root, "never"), phase="compress")
     self.assertFalse(os.path.exists(os.path.join(self.root, "never")))
 
   def test_a_user_model_is_built_even_without_pretrained_weights(self):
     config = self.config(model_options='{"depth": 3}', pretrained="",
                          fp32_epochs=1, fp32_warmup_epochs=0.0)
     with self.assertRaisesRegex(ValueError, r"refused model_options=\{'depth'"):
-      checks.validate(config, self.one_device,
-                      os.path.join(self.root, "never"), phase="fp32")
+      _validate(config, self.one_device,
+                os.path.join(self.root, "never"), phase="fp32")
 
 
 if __name__ == "__main__":

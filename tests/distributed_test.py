@@ -42,8 +42,8 @@ import sys
 import numpy as np
 from configs import default
 from opq_tf.training import distribute
+from opq_tf.training import loop
 from opq_tf.training import models
-from opq_tf.training import training
 from opq_tf.tf_keras.wrapping import apply
 from opq_tf.tf_keras._keras import keras, tf
 
@@ -56,9 +56,9 @@ keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build(config.model, config.num_classes, config.image_size)
   qmodel = apply(model, pruning_rate=0.8, bits=3)
-result = training.fit(qmodel, config, strategy, data_dir, workdir,
-                      phase="finetune", epochs=1, learning_rate=0.05,
-                      warmup_epochs=0.0)
+result = loop.fit(qmodel, config, strategy, data_dir, workdir,
+                  phase="finetune", epochs=1, learning_rate=0.05,
+                  warmup_epochs=0.0)
 np.savez(out, *[w for w in qmodel.get_weights()])
 print("STEPS", result["steps"], "LOSS", result["train_loss"])
 """

@@ -17,7 +17,6 @@ import time
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from configs import default
 from opq_tf.training import imagenet_manual
 import digits_data
 
@@ -118,19 +117,6 @@ class ManualDirTest(digits_data.DigitsTestCase, parameterized.TestCase):
     self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), text)
     self.assertIn(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), text)
     self.assertIn("python -m opq_tf.training.digits_imagenet --manual_dir=", text)
-
-
-  def test_data_dirs_of_a_config(self):
-    config = default.get_config()
-    self.assertEqual(imagenet_manual.data_dirs(config, "/w"),
-                     ("/w/tfds", "/w/manual"))
-    config.update(dict(data_dir="/d", manual_dir="/m"))
-    self.assertEqual(imagenet_manual.data_dirs(config, "/w"), ("/d", "/m"))
-    config.update(dict(data_dir="", manual_dir="",
-                       build_digits_manual_dir=False))
-    data_dir, manual_dir = imagenet_manual.data_dirs(config, "/w")
-    self.assertEqual(manual_dir, "")
-    self.assertNotIn("/w", data_dir)
 
   def test_is_prepared(self):
     self.assertTrue(imagenet_manual.is_prepared(self.data_dir))

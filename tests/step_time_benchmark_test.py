@@ -50,7 +50,7 @@ class QuickRunTest(absltest.TestCase):
       written = stream.read()
     self.assertIn(written.strip(), result.stdout)
     for heading in ("- Machine:", "- Date:", "- Command: `python -m "
-                    "benchmarks.step_time --quick", "training.make_train_step"
+                    "benchmarks.step_time --quick", "loop.make_train_step"
                     "` under mirrored"):
       self.assertIn(heading, written)
     self.assertNotIn("## Why", written)  # The analysis is in the docs.

@@ -1,15 +1,20 @@
-"""Tests for opq_tf.training.training: real tiny runs on the digits stand-in of ImageNet.
+"""Tests for the training system (opq_tf.training.training and its parts:
+layout, data, loop, planning, compression, serving, report): real tiny runs
+on the digits stand-in of ImageNet, and the package's import structure.
 
 The digits data is shared per process (digits_data); every run trains
 small_resnet for a few steps of a 16-image global batch. Killed runs of the
 binaries are in distributed_test.py, input checks in checks_test.py.
 """
 
+import ast
 import glob
+import inspect
 import json
 import os
 import shutil
 import tarfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -17,10 +22,15 @@ import numpy as np
 
 from configs import default
 from opq_tf.core import allocation
+from opq_tf.training import compression
+from opq_tf.training import data
 from opq_tf.training import distribute
 from opq_tf.training import imagenet_input
 from opq_tf.training import imagenet_manual
+from opq_tf.training import layout
+from opq_tf.training import loop
 from opq_tf.training import models
+from opq_tf.training import planning
 from opq_tf.training import pretrained
 from opq_tf.training import training
 import cpu_devices
@@ -65,9 +75,7 @@ def _masks(config, weights_path: str, workdir: str, checkpoint: str = ""
   """
   model = models.build(config.model, config.num_classes, config.image_size)
   pretrained.load(model, weights_path)
-  with open(os.path.join(workdir, training.PLAN_FILE)) as f:
-    plan = allocation.CompressionPlan.from_json(f.read())
-  qmodel = apply(model, plan)
+  qmodel = apply(model, planning.read(workdir))
   if checkpoint:
     tf.train.Checkpoint(model=qmodel).restore(checkpoint).expect_partial()
   return {k.key: k.mask for k in compressed_kernels(qmodel)}
@@ -82,7 +90,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     cls.one_device = distribute.make_strategy("one_device")
     cls.mirrored = distribute.make_strategy("mirrored")
     cls.fp32 = training.train_fp32(cls.config(), cls.workdir("fp32_one"),
-                                   cls.one_device)
+                                   cls.one_device, cls.data_dir)
 
   @classmethod
   def config(cls, **overrides):
@@ -98,7 +106,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
 
   def test_fp32_run_writes_weights_metrics_and_summaries(self):
     workdir = self.workdir("fp32_one")
-    self.assertTrue(os.path.exists(os.path.join(workdir, training.FP32_WEIGHTS)))
+    self.assertTrue(os.path.exists(os.path.join(workdir, layout.FP32_WEIGHTS)))
     accuracy = self.fp32["accuracy"]
     self.assertEqual(accuracy["examples"], 500)
     self.assertBetween(accuracy["top1"], 0.0, 1.0)
@@ -114,13 +122,15 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                            places=7)
     self.assertEqual(self.fp32["training"]["steps"], 4)
     # A rerun on the finished workdir does not retrain.
-    again = training.train_fp32(self.config(), workdir, self.one_device)
+    again = training.train_fp32(self.config(), workdir, self.one_device,
+                                self.data_dir)
     self.assertEqual(again["accuracy"], json.loads(json.dumps(accuracy)))
 
   def test_mirrored_two_replicas_match_one_device(self):
     self.assertEqual(self.mirrored.num_replicas_in_sync, 2)
     workdir = self.workdir("fp32_mirrored")
-    mirrored = training.train_fp32(self.config(), workdir, self.mirrored)
+    mirrored = training.train_fp32(self.config(), workdir, self.mirrored,
+                                   self.data_dir)
     one = _scalars(os.path.join(self.workdir("fp32_one"), "tensorboard", "fp32"),
                    "train/loss")
     two = _scalars(os.path.join(workdir, "tensorboard", "fp32"), "train/loss")
@@ -135,7 +145,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     for run in ("fp32_one", "fp32_mirrored"):
       trained = models.build("small_resnet", 10, 32)
       pretrained.load(trained, os.path.join(self.workdir(run),
-                                                   training.FP32_WEIGHTS))
+                                                   layout.FP32_WEIGHTS))
       updates.append(np.concatenate([
           (after.numpy() - before.numpy()).ravel() for after, before in zip(
               trained.trainable_weights, initial.trainable_weights)]))
@@ -147,10 +157,11 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
 
   def test_finetune_resumes_with_the_saved_plan_masks_and_steps(self):
     workdir = self.workdir("compress")
-    fp32_weights = os.path.join(self.workdir("fp32_one"), training.FP32_WEIGHTS)
+    fp32_weights = os.path.join(self.workdir("fp32_one"), layout.FP32_WEIGHTS)
     config = self.config(pretrained=fp32_weights, num_epochs=1, litert=True,
                          calibrate_reconstruct=True)
-    first = training.compress_and_finetune(config, workdir, self.one_device)
+    first = compression.compress_and_finetune(config, workdir, self.one_device,
+                                              self.data_dir)
     # Calibration (BatchNorm re-estimation and reconstruction on training
     # images) runs once, before finetuning, and changes the network it
     # evaluates. (How much it repairs a well-trained one is measured by
@@ -163,7 +174,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     self.assertNotEqual(first["accuracy"]["calibrated_before_finetune"]["loss"],
                         first["accuracy"]["compressed_before_finetune"]["loss"])
 
-    plan_path = os.path.join(workdir, training.PLAN_FILE)
+    plan_path = os.path.join(workdir, layout.PLAN_FILE)
     plan_bytes, plan_mtime = open(plan_path, "rb").read(), os.stat(
         plan_path).st_mtime_ns
     checkpoints = os.path.join(workdir, "finetune", "checkpoints")
@@ -186,8 +197,8 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     with open(os.path.join(checkpoints, "checkpoint"), "w") as f:
       f.write('model_checkpoint_path: "ckpt-2"\n'
               'all_model_checkpoint_paths: "ckpt-2"\n')
-    shutil.rmtree(os.path.join(workdir, training.EXPORT_DIR))
-    os.remove(os.path.join(workdir, training.FINAL_REPORT))
+    shutil.rmtree(os.path.join(workdir, layout.EXPORT_DIR))
+    os.remove(os.path.join(workdir, layout.FINAL_REPORT))
 
     # Resume from other FP32 weights: if masks were recomputed from them
     # instead of restored, they would differ.
@@ -200,8 +211,8 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     perturbed.save_weights(perturbed_path)
     resumed_config = self.config(pretrained=perturbed_path, num_epochs=1,
                                  litert=True, litert_int8_activations=True)
-    second = training.compress_and_finetune(resumed_config, workdir,
-                                            self.one_device)
+    second = compression.compress_and_finetune(resumed_config, workdir,
+                                               self.one_device, self.data_dir)
 
     self.assertEqual(open(plan_path, "rb").read(), plan_bytes)
     self.assertEqual(os.stat(plan_path).st_mtime_ns, plan_mtime)
@@ -226,11 +237,11 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                      json.loads(json.dumps(
                          first["accuracy"]["compressed_before_finetune"])))
 
-    report = json.load(open(os.path.join(workdir, training.FINAL_REPORT)))
+    report = json.load(open(os.path.join(workdir, layout.FINAL_REPORT)))
     self.assertEqual(set(report["accuracy"]), {
         "fp32", "compressed_before_finetune", "calibrated_before_finetune",
         "compressed_after_finetune"})
-    tflite = os.path.join(workdir, training.EXPORT_DIR, "model.tflite")
+    tflite = os.path.join(workdir, layout.EXPORT_DIR, "model.tflite")
     self.assertEqual(report["litert"]["bytes"], os.path.getsize(tflite))
     self.assertIn("int8", report["litert"]["bits_note"])
     # Float-activation .tflite: the Keras model's logits up to rounding (first
@@ -255,7 +266,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                         "compression/sparsity")
 
     # The SavedModel serves encoded JPEGs and agrees with the packed file.
-    export_dir = os.path.join(workdir, training.EXPORT_DIR)
+    export_dir = os.path.join(workdir, layout.EXPORT_DIR)
     loaded = tf.saved_model.load(os.path.join(export_dir, "saved_model"))
     serve = loaded.signatures["serving_default"]
     with tarfile.open(os.path.join(self.manual_dir,
@@ -282,8 +293,23 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                            report["compression"]["realised_pruning_rate"],
                            delta=0.01)
 
+  def test_train_and_evaluate_prepares_the_data_once(self):
+    """The whole job: one prepare_data, its data_dir passed down; and the
+    config's step_fit (which no option list used to pass) reaches the plan."""
+    workdir = self.workdir("train_and_evaluate")
+    config = self.config(steps_per_epoch=2, calibration_images=0,
+                         step_fit="laplace")
+    with mock.patch.object(data, "prepare_data",
+                           wraps=data.prepare_data) as prepare_data:
+      report = training.train_and_evaluate(config, workdir, self.one_device)
+    prepare_data.assert_called_once_with(config, workdir, self.one_device)
+    self.assertEqual(report["fp32_training"]["steps"], 2)
+    self.assertEqual(report["finetune"]["steps"], 2)
+    self.assertIsNone(report["accuracy"]["calibrated_before_finetune"])
+    self.assertEqual(planning.read(workdir).step_fit, "laplace")
+
   def test_warmup_cosine(self):
-    schedule = training.WarmupCosine(0.2, warmup_steps=10, total_steps=110)
+    schedule = loop.WarmupCosine(0.2, warmup_steps=10, total_steps=110)
     lr = lambda step: float(schedule(step))
     self.assertAlmostEqual(lr(0), 0.0)
     self.assertAlmostEqual(lr(5), 0.1, places=6)
@@ -291,7 +317,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     self.assertAlmostEqual(lr(60), 0.1, places=6)
     self.assertAlmostEqual(lr(110), 0.0, places=6)
     self.assertEqual(
-        training.WarmupCosine(**schedule.get_config()).get_config(),
+        loop.WarmupCosine(**schedule.get_config()).get_config(),
         schedule.get_config())
 
   def test_fit_resumes_under_mirrored_strategy(self):
@@ -303,9 +329,9 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
       keras.utils.set_random_seed(0)
       with self.mirrored.scope():
         model = models.build("small_resnet", 10, 32)
-      return training.fit(model, config, self.mirrored, self.data_dir, workdir,
-                          phase="fp32", epochs=epochs, learning_rate=0.01,
-                          warmup_epochs=0.0)
+      return loop.fit(model, config, self.mirrored, self.data_dir, workdir,
+                      phase="fp32", epochs=epochs, learning_rate=0.01,
+                      warmup_epochs=0.0)
 
     self.assertEqual(run(1)["resumed_from_step"], 0)
     resumed = run(2)
@@ -318,12 +344,12 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense)]
     self.assertLen(kernels, 11)
     expected = 0.5 * 1e-3 * sum(float(tf.reduce_sum(k * k)) for k in kernels)
-    self.assertAllClose(training.kernel_l2(model, 1e-3), expected, rtol=1e-5)
-    self.assertEqual(float(training.kernel_l2(model, 0.0)), 0.0)
+    self.assertAllClose(loop.kernel_l2(model, 1e-3), expected, rtol=1e-5)
+    self.assertEqual(float(loop.kernel_l2(model, 0.0)), 0.0)
     # Biases and BatchNorm are not decayed.
     logits = model.get_layer("logits")
     logits.bias.assign(tf.ones_like(logits.bias))
-    self.assertAllClose(training.kernel_l2(model, 1e-3), expected, rtol=1e-5)
+    self.assertAllClose(loop.kernel_l2(model, 1e-3), expected, rtol=1e-5)
 
   def test_train_step_with_jit_compile_matches_without(self):
     """The XLA path of make_train_step: same loss, same update, one replica."""
@@ -338,7 +364,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
         optimizer = keras.optimizers.SGD(0.01, momentum=0.9,
                                          jit_compile=jit_compile)
         optimizer.build(model.trainable_variables)
-      step = training.make_train_step(
+      step = loop.make_train_step(
           model, optimizer, self.one_device, global_batch_size=16,
           weight_decay=1e-4, jit_compile=jit_compile)
       iterator = iter(self.one_device.distribute_datasets_from_function(
@@ -352,6 +378,123 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     for before, after in zip(weights, jit_weights):
       self.assertAllClose(after, before, rtol=1e-3, atol=1e-5)
 
+
+
+class PlanningTest(absltest.TestCase):
+
+  def test_every_allocation_field_of_the_config_reaches_allocate(self):
+    config = default.get_config()
+    parameters = inspect.signature(allocation.allocate).parameters
+    allocation_fields = {
+        name for name, parameter in parameters.items()
+        if name in config and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY)}
+    self.assertContainsSubset({"pruning_rate", "bits", "method", "step_fit"},
+                              allocation_fields)
+    self.assertEqual(set(planning.allocate_options(config)), allocation_fields)
+
+  def test_a_plan_records_the_options_it_was_allocated_with(self):
+    """What checks compares an existing plan.json against."""
+    config = default.get_config()
+    config.update(dict(pruning_rate=0.7, bits=3, objective="per_kernel",
+                       step_granularity="kernel", step_stats="layer",
+                       step_fit="laplace"))
+    kernels = {"dense": np.random.default_rng(0).laplace(
+        size=(64, 32)).astype(np.float32)}
+    plan = allocation.allocate(kernels, **planning.allocate_options(config))
+    self.assertEqual(planning.recorded_options(plan),
+                     planning.allocate_options(config))
+
+
+class DataDirsTest(absltest.TestCase):
+
+  def test_data_dirs_of_a_config(self):
+    config = default.get_config()
+    self.assertEqual(data.data_dirs(config, "/w"), ("/w/tfds", "/w/manual"))
+    config.update(dict(data_dir="/d", manual_dir="/m"))
+    self.assertEqual(data.data_dirs(config, "/w"), ("/d", "/m"))
+    config.update(dict(data_dir="", manual_dir="",
+                       build_digits_manual_dir=False))
+    data_dir, manual_dir = data.data_dirs(config, "/w")
+    self.assertEqual(manual_dir, "")
+    self.assertNotIn("/w", data_dir)
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _opq_tf_imports() -> dict[str, set[str]]:
+  """opq_tf module -> the opq_tf modules it imports (anywhere in it, lazily
+  too); `from package import name` counts as package.name when that is a
+  module, else as the package."""
+  modules = {}
+  for directory, _, names in os.walk(os.path.join(_ROOT, "opq_tf")):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        module = os.path.relpath(path, _ROOT)[:-3].replace(os.sep, ".")
+        modules[module.removesuffix(".__init__")] = path
+  imports = {}
+  for module, path in modules.items():
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        imported |= {alias.name for alias in node.names} & set(modules)
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        for alias in node.names:
+          full = f"{node.module}.{alias.name}"
+          if full in modules:
+            imported.add(full)
+          elif node.module in modules:
+            imported.add(node.module)
+    imports[module] = imported - {module}
+  return imports
+
+
+class ImportsTest(absltest.TestCase):
+  """The library's import structure, read from the source (ast)."""
+
+  def test_no_opq_tf_module_imports_configs(self):
+    for directory, _, names in os.walk(os.path.join(_ROOT, "opq_tf")):
+      for name in names:
+        if not name.endswith(".py"):
+          continue
+        path = os.path.join(directory, name)
+        with open(path) as f:
+          tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+          if isinstance(node, ast.Import):
+            roots = [alias.name.split(".")[0] for alias in node.names]
+          elif isinstance(node, ast.ImportFrom) and not node.level:
+            roots = [(node.module or "").split(".")[0]]
+          else:
+            continue
+          self.assertNotIn("configs", roots, f"{path}:{node.lineno}")
+
+  def test_no_import_cycle_among_opq_tf_modules(self):
+    imports = _opq_tf_imports()
+    self.assertIn("opq_tf.training.data", imports["opq_tf.training.training"])
+
+    def cycle_from(module: str, path: list[str]) -> list[str]:
+      """A cycle through `path`'s last module, or [] if none."""
+      for imported in sorted(imports[module]):
+        if imported in path:
+          return path[path.index(imported):] + [imported]
+        if imported not in finished:
+          found = cycle_from(imported, path + [imported])
+          if found:
+            return found
+      finished.add(module)
+      return []
+
+    finished = set()
+    for module in sorted(imports):
+      if module not in finished:
+        self.assertEqual(cycle_from(module, [module]), [],
+                         "import cycle among opq_tf modules")
 
 if __name__ == "__main__":
   absltest.main()

@@ -9,6 +9,8 @@ anything is written.
 Experiment settings are config fields only (`--config.data_dir=...`,
 `--config.pretrained=...`); the flags are what is not an experiment: where
 to write (--workdir) and what to run on (--strategy, --cpu_devices).
+configs/default.py is both the default --config and what checks.validate
+knows the fields from (the library itself imports nothing from configs/).
 """
 
 import os
@@ -19,11 +21,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from configs import default
 from opq_tf.training import checks
 from opq_tf.training import distribute
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs",
-                               "default.py")
+_DEFAULT_CONFIG = default.__file__
 
 
 def _unknown_field_message(argv: list[str], unknown: Exception) -> str:
@@ -86,7 +88,8 @@ def start(argv, program: str, phase: str):
     sys.exit(2)
   try:
     strategy = distribute.make_strategy(_STRATEGY.value, _CPU_DEVICES.value)
-    checks.validate(config, strategy, _WORKDIR.value, phase=phase)
+    checks.validate(config, strategy, _WORKDIR.value, phase=phase,
+                    default_config=default.get_config())
   except (ValueError, TypeError) as error:
     print(f"{program}: error: {error}", file=sys.stderr)
     sys.exit(2)

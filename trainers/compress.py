@@ -18,13 +18,15 @@ and a message on stderr, leaving the workdir untouched.
 
 from absl import app
 
-from opq_tf.training import training
+from opq_tf.training import compression
+from opq_tf.training import data
 from trainers import common
 
 
 def main(argv):
   config, workdir, strategy = common.start(argv, "compress", phase="compress")
-  training.compress_and_finetune(config, workdir, strategy)
+  data_dir = data.prepare_data(config, workdir, strategy)
+  compression.compress_and_finetune(config, workdir, strategy, data_dir)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ and a message on stderr, leaving the workdir untouched.
 
 from absl import app
 
+from opq_tf.training import data
 from opq_tf.training import training
 from trainers import common
 
 
 def main(argv):
   config, workdir, strategy = common.start(argv, "train", phase="fp32")
-  metrics = training.train_fp32(config, workdir, strategy)
+  data_dir = data.prepare_data(config, workdir, strategy)
+  metrics = training.train_fp32(config, workdir, strategy, data_dir)
   print(f"FP32 {config.model}: {metrics['accuracy']}")
 
 

@@ -1,17 +1,20 @@
 """Every check of a trainer's input, run once at the binary boundary.
 
     strategy = distribute.make_strategy("mirrored")
-    checks.validate(config, strategy, workdir, phase="all")   # before anything
+    checks.validate(config, strategy, workdir, phase="all",   # before anything
+                    default_config=default.get_config())
 
 `validate` raises ValueError naming the problem and the fix, and writes
 nothing, so a bad flag costs a user one line on stderr instead of an hour of
 training that dies at the end. The library functions after it (training.*)
 assume a valid config and do not check again.
 
-The config fields are those of configs/default.py (every other config starts
-from it): a field it does not have is unknown, a field it has is required,
-and a value must have the type of the default's value; `_RULES` adds ranges
-and choices to the fields that need more than a type.
+The config fields are those of the default config, which the caller passes
+in (the trainers pass configs/default.py's get_config(); every other config
+starts from it, and the library does not import configs/): a field it does
+not have is unknown, a field it has is required, and a value must have the
+type of the default's value; `_RULES` adds ranges and choices to the fields
+that need more than a type.
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from configs import default
 from opq_tf.core import allocation
-from opq_tf.training import distribute
 from opq_tf.core import grid
+from opq_tf.tf_keras._keras import tf
+from opq_tf.training import data
+from opq_tf.training import distribute
 from opq_tf.training import imagenet_manual
+from opq_tf.training import layout
 from opq_tf.training import models
+from opq_tf.training import planning
 from opq_tf.training import pretrained
-from opq_tf.training import training
-from opq_tf.tf_keras._keras import keras, tf
 
 PHASES = ("fp32", "compress", "all")
 # Old field name -> new one: an old command line gets told the new spelling.
@@ -66,13 +70,6 @@ def _json_object(value: Any) -> bool:
   except ValueError:
     return False
   return isinstance(value, str)
-
-
-def build_model(config: ml_collections.ConfigDict) -> keras.Model:
-  """`models.build` for a config, with its model_options and preprocessing."""
-  return models.build(config.model, config.num_classes, config.image_size,
-                      model_options=config.get("model_options", "{}"),
-                      preprocessing=config.get("preprocessing", "none"))
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
@@ -113,7 +110,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
 
 
 # field -> (check, what it must be), for fields that need more than the type
-# of their configs/default.py value.
+# of their default value.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # What the name points at (constructor, path) is checked by check_model.
     "model": (lambda v: isinstance(v, str) and bool(v),
@@ -170,19 +167,21 @@ def _type_rule(value: Any) -> tuple[Callable[[Any], bool], str]:
     return _is_number, "a number"
   if isinstance(value, str):
     return (lambda v: isinstance(v, str)), "a string ('' for none)"
-  raise TypeError(f"configs/default.py has a field of unsupported type "
+  raise TypeError(f"The default config has a field of unsupported type "
                   f"{type(value).__name__}: {value!r}")
 
 
-def fields() -> dict[str, tuple[Callable[[Any], bool], str]]:
-  """field -> (check, what it must be), for every field of configs/default.py."""
+def fields(default_config: ml_collections.ConfigDict
+           ) -> dict[str, tuple[Callable[[Any], bool], str]]:
+  """field -> (check, what it must be), for every field of `default_config`."""
   return {field: _RULES.get(field) or _type_rule(value)
-          for field, value in default.get_config().items()}
+          for field, value in default_config.items()}
 
 
-def check_fields(config: ml_collections.ConfigDict) -> None:
+def check_fields(config: ml_collections.ConfigDict,
+                 default_config: ml_collections.ConfigDict) -> None:
   """Unknown, missing and out-of-range fields; the message names the fix."""
-  known = fields()
+  known = fields(default_config)
   unknown = sorted(set(config.keys()) - set(known))
   for old in unknown:
     if old in RENAMED:
@@ -245,7 +244,7 @@ def check_workdir(workdir: str) -> None:
 def check_data(config: ml_collections.ConfigDict, workdir: str,
                strategy: tf.distribute.Strategy) -> None:
   """The manual_dir is usable or the data_dir prepared, with a file per worker."""
-  data_dir, manual_dir = imagenet_manual.data_dirs(config, workdir)
+  data_dir, manual_dir = data.data_dirs(config, workdir)
   prepared = imagenet_manual.is_prepared(data_dir)
   if config.manual_dir:
     imagenet_manual.check_manual_dir(config.manual_dir)
@@ -272,22 +271,17 @@ def check_data(config: ml_collections.ConfigDict, workdir: str,
 
 def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
   """An existing <workdir>/plan.json was made for this config's settings."""
-  path = os.path.join(workdir, training.PLAN_FILE)
+  path = os.path.join(workdir, layout.PLAN_FILE)
   if not os.path.exists(path):
     return
   try:
-    with open(path) as f:
-      plan = allocation.CompressionPlan.from_json(f.read())
+    plan = planning.read(workdir)
   except (ValueError, TypeError, KeyError) as error:
     raise ValueError(
         f"{path} is not a readable compression plan ({error}); use a fresh "
         "--workdir.") from error
-  wanted = {"target_pruning_rate": float(config.pruning_rate),
-            "bits": config.bits, "method": config.method,
-            "objective": config.objective,
-            "step_granularity": config.step_granularity,
-            "step_stats": config.step_stats}
-  found = {key: getattr(plan, key) for key in wanted}
+  wanted = planning.allocate_options(config)
+  found = planning.recorded_options(plan)
   if found != wanted:
     raise ValueError(
         f"{path} was computed for {found}, but the config asks for {wanted}. "
@@ -296,7 +290,8 @@ def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy,
-             workdir: str, *, phase: str = "all") -> None:
+             workdir: str, *, phase: str = "all",
+             default_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the problem and the fix for any bad input.
 
   Runs before any training and writes nothing. Checks every config field's
@@ -313,10 +308,12 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
     workdir: the run's directory.
     phase: "fp32" (train_fp32), "compress" (compress_and_finetune: FP32
       weights must exist) or "all" (train_and_evaluate).
+    default_config: the config every config starts from (configs/default.py's
+      get_config()); its fields are the known ones.
   """
   if phase not in PHASES:
     raise ValueError(f"Unknown phase {phase!r}; use one of {PHASES}.")
-  check_fields(config)
+  check_fields(config, default_config)
   replicas = strategy.num_replicas_in_sync
   for field in ("global_batch_size", "eval_batch_size"):
     if config[field] % replicas:
@@ -331,7 +328,7 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
         "--config.jit_compile=False or use one replica.")
   check_workdir(workdir)
   check_data(config, workdir, strategy)
-  start = training.starting_point(config, workdir)
+  start = layout.starting_point(config, workdir)
   if phase == "fp32" and config.fp32_epochs == 0:
     raise ValueError("config.fp32_epochs is 0: nothing to train; set "
                      "--config.fp32_epochs=<n>.")
@@ -339,7 +336,7 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
                                      or config.fp32_epochs == 0):
     raise ValueError(
         f"No FP32 weights to compress: "
-        f"{os.path.join(workdir, training.FP32_WEIGHTS)} does not exist, "
+        f"{os.path.join(workdir, layout.FP32_WEIGHTS)} does not exist, "
         "config.pretrained is empty" + (
             " and config.fp32_epochs is 0" if phase == "all" else "") +
         ". Pass --config.pretrained=<weights>, or train them first "
@@ -348,8 +345,9 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
     pretrained.check_imagenet_weights(config.model, config.num_classes,
                                       config.image_size)
   elif config.pretrained:
-    pretrained.load(build_model(config), config.pretrained)
+    pretrained.load(models.build_for_config(config), config.pretrained)
   elif config.model not in models.NAMES:
-    build_model(config)  # The options suit the constructor, the model fits.
+    # The options suit the constructor, the model fits.
+    models.build_for_config(config)
   if phase != "fp32":
     check_plan_file(config, workdir)

@@ -19,9 +19,8 @@ ILSVRC2012_val_<k> has the synset of line k of validation_labels.txt
 (`validation_synsets()`). `python -m opq_tf.training.digits_imagenet --manual_dir=DIR`
 writes a small stand-in of the same layout from scikit-learn's digits.
 
-For a training run, `data_dirs(config, workdir)` says where a config's data
-lives and `prepare_data(config, workdir, strategy)` builds and prepares it
-(the chief does, the other workers wait).
+Where a training config's data lives, and preparing it once per run under
+tf.distribute, is run policy: opq_tf.training.data.
 
 Importing this module needs neither TensorFlow nor TFDS (they are imported
 where used), so the digits stand-in builds without them.
@@ -35,15 +34,14 @@ import re
 import tarfile
 from typing import Any, Optional
 
-from absl import logging
 import numpy as np
 
 DATASET_NAME = "imagenet2012"
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 TEST_TAR = "ILSVRC2012_img_test.tar"
-# Record files per split for the digits stand-in, so that up to this many
-# workers each get a file to read (file-level sharding).
+# Record files per split the digits stand-in is prepared with, so that up to
+# this many workers each get a file to read (file-level sharding).
 DIGITS_NUM_SHARDS = 4
 
 # Member names: of the train tar, and of the val tar (which the pipeline
@@ -251,54 +249,3 @@ def prepare(
       ),
   )
   return prepared
-
-
-# --------------------------------------------------------------------------
-# A training run's data.
-
-
-def data_dirs(config: Any, workdir: str) -> tuple[str, str]:
-  """(TFDS data_dir, ILSVRC manual_dir or '') a trainer config reads from.
-
-  An empty config.data_dir means <workdir>/tfds for the digits stand-in
-  (config.build_digits_manual_dir) and TFDS's default (~/tensorflow_datasets
-  or $TFDS_DATA_DIR) otherwise; an empty manual_dir means <workdir>/manual for
-  the digits stand-in (built there) and "already prepared" otherwise.
-  """
-  digits = config.build_digits_manual_dir
-  data_dir = config.data_dir or (
-      os.path.join(workdir, "tfds") if digits else os.path.expanduser(
-          os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")))
-  manual_dir = config.manual_dir or (
-      os.path.join(workdir, "manual") if digits else "")
-  return data_dir, manual_dir
-
-
-def prepare_data(config: Any, workdir: str, strategy: Any) -> str:
-  """Builds the digits manual_dir if asked, prepares TFDS; returns data_dir.
-
-  Idempotent (TFDS's prepare is a no-op on a prepared data_dir). In a
-  multi-worker run the chief prepares while the others wait; a worker that
-  does not share the chief's file system then prepares its own copy.
-  """
-  # pylint: disable-next=g-import-not-at-top
-  from opq_tf.training import distribute
-
-  data_dir, manual_dir = data_dirs(config, workdir)
-  if is_prepared(data_dir):
-    return data_dir
-  if distribute.is_chief(strategy):
-    if config.build_digits_manual_dir and not config.manual_dir and not (
-        os.path.exists(os.path.join(manual_dir, VAL_TAR))):
-      # pylint: disable-next=g-import-not-at-top
-      from opq_tf.training import digits_imagenet
-
-      counts = digits_imagenet.build_manual_dir(manual_dir,
-                                                image_size=config.image_size)
-      logging.info("Built the digits manual_dir %s: %s", manual_dir, counts)
-    num_shards = DIGITS_NUM_SHARDS if config.build_digits_manual_dir else None
-    prepare(data_dir, manual_dir or None, num_shards=num_shards)
-  distribute.barrier(strategy)
-  if not is_prepared(data_dir):  # Workers without a shared file system.
-    prepare(data_dir, manual_dir or None)
-  return data_dir

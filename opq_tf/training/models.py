@@ -232,6 +232,14 @@ def build(name: str, num_classes: int, image_size: int, *,
   return keras.Model(inputs, user_model(x), name=f"{user_model.name}_opq_input")
 
 
+def build_for_config(config: Any) -> keras.Model:
+  """`build` for a trainer config (configs/*.py): its model, num_classes,
+  image_size, model_options and preprocessing."""
+  return build(config.model, config.num_classes, config.image_size,
+               model_options=config.model_options,
+               preprocessing=config.preprocessing)
+
+
 def preprocessing_layers(x, preprocessing: str):
   """0..255 RGB `x` -> what a model trained with `preprocessing` expects.
 

@@ -1,0 +1,112 @@
+"""The final report of a compression run: what final_report.json holds.
+
+    report = report.final_report(config, strategy, ...)   # compression does
+    print(report.format_report(report))
+
+Accuracies (FP32, compressed before finetuning, calibrated, after
+finetuning), the plan's and the export's compression figures, the training
+figures and the time of every phase, in one JSON object; `format_report`
+prints a few human lines of it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import ml_collections
+
+from opq_tf.core import allocation
+from opq_tf.tf_keras import exporting
+from opq_tf.tf_keras._keras import tf
+
+# The export report's figures the final report repeats under "compression".
+_COMPRESSION_FIGURES = (
+    "weight_bits_ratio", "model_ratio", "fp32_model_bytes", "packed_bytes",
+    "entropy_bound_bytes", "packed_over_bound", "realised_pruning_rate",
+    "parameters", "compressed_weights", "kept_weights")
+
+
+def final_report(config: ml_collections.ConfigDict,
+                 strategy: tf.distribute.Strategy, *,
+                 fp32_weights: Optional[str], evaluations: dict[str, Any],
+                 after: dict[str, Any], plan: allocation.CompressionPlan,
+                 export_report: dict[str, Any], finetune: dict[str, Any],
+                 fp32_training: Optional[dict[str, Any]],
+                 seconds: dict[str, float], export_dir: str) -> dict[str, Any]:
+  """The report of `compression.compress_and_finetune`.
+
+  Args:
+    config, strategy: the run's.
+    fp32_weights: the FP32 weights that were compressed.
+    evaluations: the cached <workdir>/evaluations.json: "fp32",
+      "compressed_before_finetune" and, with calibration, "calibrated" and
+      "calibration" (what calibrate did).
+    after: the evaluation after finetuning.
+    plan: the compression plan.
+    export_report: what opq_tf's export returned (report.json).
+    finetune, fp32_training: `loop.fit`'s figures of each phase (None when
+      the FP32 weights were not trained in this workdir).
+    seconds: the time of each phase.
+    export_dir: <workdir>/export.
+  """
+  report = {
+      "model": config.model,
+      "num_classes": config.num_classes,
+      "image_size": config.image_size,
+      "strategy": type(strategy).__name__,
+      "replicas": strategy.num_replicas_in_sync,
+      "pretrained": fp32_weights,
+      "pruning_rate": config.pruning_rate,
+      "bits": config.bits,
+      "accuracy": {
+          "fp32": evaluations["fp32"],
+          "compressed_before_finetune": evaluations["compressed_before_finetune"],
+          "calibrated_before_finetune": evaluations.get("calibrated"),
+          "compressed_after_finetune": after,
+      },
+      "plan": {"realised_pruning_rate": plan.realised_pruning_rate,
+               "weight_bits_ratio": plan.weight_bits_ratio,
+               "kernels": len(plan.kernels)},
+      "compression": {key: export_report[key] for key in _COMPRESSION_FIGURES},
+      "finetune": finetune,
+      "fp32_training": fp32_training,
+      "calibration": {"images": config.calibration_images,
+                      "reconstruct": config.calibrate_reconstruct,
+                      **evaluations.get("calibration", {})},
+      "seconds": seconds,
+      "export": {"saved_model": os.path.join(export_dir,
+                                             exporting.SAVED_MODEL_DIR),
+                 "report": os.path.join(export_dir, exporting.REPORT_FILE),
+                 "packed": os.path.join(export_dir, exporting.PACKED_FILE)},
+  }
+  if "litert" in export_report:
+    report["litert"] = export_report["litert"]
+  return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A few human lines of the final report (accuracies not measured, such as
+  calibrated_before_finetune without calibration, are left out)."""
+  lines = [f"OPQ {report['model']}: p={report['pruning_rate']}, "
+           f"B={report['bits']}, {report['replicas']} replica(s)"]
+  for name, accuracy in report["accuracy"].items():
+    if accuracy is None:
+      continue
+    lines.append(f"  {name:28s} top-1 {accuracy['top1']:.4f}  "
+                 f"top-5 {accuracy['top5']:.4f}  ({accuracy['examples']} images)")
+  compression = report["compression"]
+  if compression:
+    lines.append(
+        f"  weight-bits ratio {compression['weight_bits_ratio']:.2f}x, model "
+        f"ratio {compression['model_ratio']:.2f}x ({compression['packed_bytes']} "
+        f"bytes packed, {compression['packed_over_bound']:.3f} x entropy bound), "
+        f"pruned {compression['realised_pruning_rate']:.2%}")
+  finetune = report["finetune"]
+  if finetune.get("images_per_second"):
+    lines.append(f"  finetune {finetune['seconds']:.1f} s, "
+                 f"{finetune['images_per_second']:.1f} images/s")
+  lines.append(f"  total {report['seconds']['compress_and_finetune_total']:.1f} s;"
+               f" export in {report['export']['saved_model']}")
+  return "\n".join(lines)
+
