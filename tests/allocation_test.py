@@ -31,6 +31,47 @@ def _layer_error(scale, pruned_fraction, bits):
   return scale**2 * float(laplace.unit_error(threshold, step, bits))
 
 
+def _reference_fit(values, threshold, start, bits):
+  """The "weights" step fit as first written, densely and step by step.
+
+  Every channel's sampled rows (every n-th of at most 512, pruned weights as
+  zeros, plus the channel's largest weight) are scanned at 25 log-spaced
+  factors in [1/4, 4], golden section runs 12 steps between the best point's
+  neighbours, and the model's, the scan's and the refined step compete on all
+  kept weights. `values` is (weights per channel, channels).
+  """
+  max_code = 2**(bits - 1) - 1
+  channels = values.shape[1]
+  kept = np.where(np.abs(values) >= threshold, values, np.float32(0))
+  stride = -(-kept.shape[0] // 512)
+  sample = np.concatenate([kept[::stride], kept[
+      np.argmax(np.abs(kept), axis=0), np.arange(channels)][None]])
+
+  def error(log_factor, weights=sample):
+    scale = (start * np.exp(log_factor)).astype(np.float32)
+    codes = np.clip(np.round(weights / scale), -max_code, max_code)
+    return np.sum(np.square(weights - codes * scale), axis=0, dtype=np.float64)
+
+  factors = np.linspace(-np.log(4.0), np.log(4.0), 25)
+  best = factors[np.argmin([error(np.full(channels, f)) for f in factors], 0)]
+  spacing = factors[1] - factors[0]
+  low, high = best - spacing, best + spacing
+  golden = (np.sqrt(5.0) - 1.0) / 2.0
+  c, d = high - golden * (high - low), low + golden * (high - low)
+  error_c, error_d = error(c), error(d)
+  for _ in range(12):
+    left = error_c < error_d
+    low, high = np.where(left, low, c), np.where(left, d, high)
+    c, d = (np.where(left, high - golden * (high - low), d),
+            np.where(left, c, low + golden * (high - low)))
+    error_probe = error(np.where(left, c, d))
+    error_c, error_d = (np.where(left, error_probe, error_d),
+                        np.where(left, error_c, error_probe))
+  candidates = np.stack([np.zeros(channels), best, (low + high) / 2.0])
+  errors = np.stack([error(f, kept) for f in candidates])
+  return start * np.exp(candidates[np.argmin(errors, 0), np.arange(channels)])
+
+
 class AllocateTest(parameterized.TestCase):
 
   @parameterized.product(
@@ -221,6 +262,36 @@ class AllocateTest(parameterized.TestCase):
       self.assertTrue(np.all(error(fitted) <= error(model) * (1 + 1e-9)))
     self.assertLess(np.sum(error(fitted)), 0.9 * np.sum(error(model)))
     self.assertLess(np.median(fitted.step), np.median(model.step))
+
+
+  @parameterized.product(granularity=["kernel", "channel"], bits=[3, 4, 8])
+  def test_fitted_steps_equal_the_reference_fit(self, granularity, bits):
+    # The shared search (laplace.minimise_log), the pruned weights left out
+    # and |w| for w must not move any fitted step: 1152 rows, so the sample
+    # is every 3rd row; heavy and light tails, and a channel kept whole next
+    # to one pruned away entirely.
+    rng = np.random.default_rng(11)
+    values = np.concatenate([rng.laplace(size=(3, 3, 128, 6)),
+                             rng.normal(size=(3, 3, 128, 6)),
+                             rng.standard_t(3, size=(3, 3, 128, 4))], -1)
+    values *= np.geomspace(0.01, 0.2, 16)
+    values[..., 0] *= 100.0
+    values[..., 1] *= 1e-4
+    values = values.astype(np.float32)
+    options = dict(step_granularity=granularity)
+    model = opq_tf.allocate({"c/kernel": values}, 0.7, bits,
+                            step_fit="laplace", **options).kernels[0]
+    fitted = opq_tf.allocate({"c/kernel": values}, 0.7, bits,
+                             step_fit="weights", **options).kernels[0]
+    channels = 16 if granularity == "channel" else 1
+    reference = _reference_fit(values.reshape(-1, channels), model.threshold,
+                               np.asarray(model.step, np.float64), bits)
+    if granularity == "channel":  # float32 steps: bit for bit.
+      self.assertEqual(fitted.step,
+                       tuple(reference.astype(np.float32).tolist()))
+      self.assertGreater(np.sum(np.not_equal(fitted.step, model.step)), 8)
+    else:  # The float64 step may differ in its last bits (the scan's grid).
+      np.testing.assert_allclose(fitted.step, reference[0], rtol=1e-14)
 
   @parameterized.parameters("kernel", "channel")
   def test_depthwise_channels_are_the_last_two_axes(self, granularity):

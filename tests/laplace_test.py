@@ -106,5 +106,33 @@ class StepTableTest(parameterized.TestCase):
         laplace.optimal_unit_step(thresholds, bits), rtol=2e-4)
 
 
+class MinimiseLogTest(absltest.TestCase):
+
+  def test_returns_the_scan_point_and_the_refined_minimum(self):
+    # Four problems at once: minima inside the range, on a scan point, and
+    # half a spacing past its upper end (still reached: the bracket extends
+    # one point past each end).
+    targets = np.array([0.3, -1.7, 1.0, 2.25])
+    scan_best, refined = laplace.minimise_log(
+        lambda x: (x - targets)**2, np.full(4, -2.0), np.full(4, 2.0),
+        points=9, iterations=40)
+    np.testing.assert_allclose(refined, targets, atol=1e-6)
+    np.testing.assert_array_equal(scan_best, [0.5, -1.5, 1.0, 2.0])
+
+  def test_the_scan_escapes_a_local_minimum(self):
+    # Golden section alone over [-3, 3] would close in on the local minimum
+    # at x = -0.5 (error 0.5); the scan finds the global one at x = 2.5.
+    def error(x):
+      return np.minimum((x - 2.5)**2, 0.5 + 4.0 * (x + 0.5)**2)
+    _, refined = laplace.minimise_log(error, np.array([-3.0]), np.array([3.0]),
+                                      points=25, iterations=40)
+    np.testing.assert_allclose(refined, [2.5], atol=1e-6)
+
+  def test_minimise_step_searches_log_steps(self):
+    np.testing.assert_allclose(
+        laplace.minimise_step(lambda s: np.log(s / 0.02)**2, np.array([1e-3]),
+                              np.array([1.0])), [0.02], rtol=1e-6)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import numpy as np
 
@@ -67,37 +68,74 @@ def unit_pruned_fraction(threshold) -> np.ndarray:
   return -np.expm1(-np.asarray(threshold, dtype=np.float64))
 
 
-def minimise_step(error_fn, lower, upper, iterations: int = 48) -> np.ndarray:
-  """Vectorised golden-section search of log(step) in [lower, upper].
+def minimise_log(error_fn: Callable[[np.ndarray], np.ndarray],
+                 log_lower: np.ndarray, log_upper: np.ndarray, points: int,
+                 iterations: int) -> tuple[np.ndarray, np.ndarray]:
+  """Minimises independent 1-D problems in x, a log-step, all at once.
 
-  `error_fn(step)` maps an array of steps to an array of errors of the same
-  shape (one independent 1-D problem per element). A coarse log grid first
-  brackets the global minimum, so a second local minimum cannot trap the search.
+  Both of OPQ's step searches, the Laplace model's (`minimise_step`) and the
+  fit to actual weights (allocation's "weights" step fit), run this one
+  search: an error measured on few weights is rough in the step, so a scan
+  of `points` evenly spaced x in [log_lower, log_upper] first finds the basin
+  of the global minimum (a second local minimum cannot trap the search), then
+  `iterations` golden-section steps refine it between the best point's two
+  neighbours. The grid is extended by one point past each end, so a minimum
+  at the edge of the range is still refined rather than pinned to it.
+
+  Args:
+    error_fn: maps an array of x, one per problem (the broadcast shape of
+      `log_lower` and `log_upper`), to their errors, same shape. It is called
+      once per scan point and once per golden-section step, each call for
+      every problem together.
+    log_lower, log_upper: the scanned range of each problem's x.
+    points: the scan's size (>= 2).
+    iterations: golden-section steps; each shrinks the bracket by 0.618.
+
+  Returns:
+    (scan_best, refined): each problem's best scan point and the centre of
+    its final bracket. Callers that measure the error more finely than
+    `error_fn` can choose between them.
   """
-  lower = np.broadcast_to(np.asarray(lower, dtype=np.float64), np.shape(lower))
-  upper = np.broadcast_to(np.asarray(upper, dtype=np.float64), np.shape(upper))
-  grid = np.linspace(0.0, 1.0, 33)
-  log_lo, log_hi = np.log(lower), np.log(upper)
-  candidates = log_lo[..., None] + grid * (log_hi - log_lo)[..., None]
-  errors = np.stack(
-      [error_fn(np.exp(candidates[..., i])) for i in range(grid.size)], -1)
+  log_lower, log_upper = np.broadcast_arrays(
+      np.asarray(log_lower, dtype=np.float64),
+      np.asarray(log_upper, dtype=np.float64))
+  fractions = np.linspace(0.0, 1.0, points)
+  candidates = (log_lower[..., None]
+                + fractions * (log_upper - log_lower)[..., None])
+  errors = np.stack([error_fn(candidates[..., i]) for i in range(points)], -1)
   best = np.argmin(errors, axis=-1)
-  a = np.take_along_axis(candidates, np.maximum(best - 1, 0)[..., None], -1)[..., 0]
-  b = np.take_along_axis(
-      candidates, np.minimum(best + 1, grid.size - 1)[..., None], -1)[..., 0]
+  spacing = candidates[..., 1] - candidates[..., 0]
+  extended = np.concatenate([(candidates[..., 0] - spacing)[..., None],
+                             candidates,
+                             (candidates[..., -1] + spacing)[..., None]], -1)
+  scan_best = np.take_along_axis(candidates, best[..., None], -1)[..., 0]
+  a = np.take_along_axis(extended, best[..., None], -1)[..., 0]
+  b = np.take_along_axis(extended, best[..., None] + 2, -1)[..., 0]
   c = b - _GOLDEN * (b - a)
   d = a + _GOLDEN * (b - a)
-  error_c, error_d = error_fn(np.exp(c)), error_fn(np.exp(d))
+  error_c, error_d = error_fn(c), error_fn(d)
   for _ in range(iterations):
     left = error_c < error_d
     b = np.where(left, d, b)
     a = np.where(left, a, c)
     probe = np.where(left, b - _GOLDEN * (b - a), a + _GOLDEN * (b - a))
-    error_probe = error_fn(np.exp(probe))
+    error_probe = error_fn(probe)
     c, d = np.where(left, probe, d), np.where(left, c, probe)
     error_c, error_d = (np.where(left, error_probe, error_d),
                         np.where(left, error_c, error_probe))
-  return np.exp((a + b) / 2.0)
+  return scan_best, (a + b) / 2.0
+
+
+def minimise_step(error_fn: Callable[[np.ndarray], np.ndarray], lower, upper,
+                  iterations: int = 48, points: int = 33) -> np.ndarray:
+  """`minimise_log` of error_fn(step) for steps in about [lower, upper].
+
+  `error_fn(step)` maps an array of steps to an array of errors of the same
+  shape (one independent 1-D problem per element). Returns the refined steps.
+  """
+  _, refined = minimise_log(lambda x: error_fn(np.exp(x)), np.log(lower),
+                            np.log(upper), points, iterations)
+  return np.exp(refined)
 
 
 @dataclasses.dataclass(frozen=True)
