@@ -27,14 +27,15 @@ class ImportTest(absltest.TestCase):
     # TensorFlow imported first, without TF_USE_LEGACY_KERAS: tf.keras is
     # Keras 3, and tfmot (hence the tf_keras frontend) still serves tf_keras.
     code = "\n".join([
-        "import numpy as np, tensorflow as tf, tf_keras, opq_tf, opq_tf.tf_keras.wrapping",
+        "import numpy as np, tensorflow as tf, tf_keras, opq_tf",
         "assert tf.keras.__name__.startswith('keras'), tf.keras.__name__",
         "m = tf_keras.Sequential([tf_keras.Input((6,)), tf_keras.layers.Dense(4)])",
         "plan = opq_tf.allocate(m, pruning_rate=0.5, bits=4)",
         "q = opq_tf.apply(m, plan)",
         "x = np.ones((2, 6), np.float32)",
         "same = np.allclose(q(x), opq_tf.strip(q)(x), atol=1e-6)",
-        "kept = sum(int(k.mask.sum()) for k in opq_tf.tf_keras.wrapping.compressed_kernels(q))",
+        "from opq_tf.tf_keras import wrapping",
+        "kept = sum(int(k.mask.sum()) for k in wrapping.compressed_kernels(q))",
         "print(same, kept == plan.kept_weights)",
     ])
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
