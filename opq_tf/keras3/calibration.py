@@ -44,7 +44,6 @@ import dataclasses
 import itertools
 import math
 import sys
-import time
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -168,7 +167,7 @@ def calibrate(
       with (_batch_statistics_mode(bn_layers, []) if batchnorm
             else contextlib.nullcontext()):
         order, calls = _call_order(model, kernels, batches[0])
-        progress = _Progress(len(kernels), verbose)
+        progress = reconstruction.Progress(len(kernels), verbose)
         for kernel in sorted(kernels, key=lambda k: order.get(id(k.owner),
                                                               math.inf)):
           if calls.get(id(kernel.owner), 0) != 1:
@@ -195,46 +194,17 @@ def calibrate(
   return report
 
 
-class _Progress:
-  """One stderr line per reconstructed kernel: `calibrate: 3/28 conv/kernel
-  reconstructed in 1.2 s, ~30 s left`, as in the tf_keras frontend."""
-
-  def __init__(self, total: int, verbose: bool):
-    self.total, self.verbose = total, verbose
-    self.count, self.started = 0, time.monotonic()
-    self.last = self.started
-
-  def done(self, key: str, method: str) -> None:
-    now = time.monotonic()
-    self.count += 1
-    if self.verbose:
-      left = (now - self.started) / self.count * (self.total - self.count)
-      print(f"calibrate: {self.count}/{self.total} {key} {method} in "
-            f"{now - self.last:.1f} s, ~{left:.0f} s left", file=sys.stderr,
-            flush=True)
-    self.last = now
-
-
-def check_finite(values: np.ndarray, what: str) -> None:
-  """Raises a ValueError naming `what` if `values` holds a NaN or an Inf."""
-  if not np.all(np.isfinite(values)):
-    raise ValueError(
-        f"{what} holds NaN or Inf; the model's weights or the calibration "
-        "data are broken there. Restore the weights (e.g. an earlier "
-        "checkpoint) or fix the data, then compress or calibrate again.")
-
-
 def _check_finite(kernels: list[_Kernel], bn_layers) -> None:
   """After calibration: every kernel, step and BatchNorm statistic finite."""
   for kernel in kernels:
-    check_finite(kernel.variable.numpy(), f"Kernel {kernel.key}")
-    check_finite(kernel.step, f"The step of {kernel.key}")
+    reconstruction.check_finite(kernel.variable.numpy(), f"Kernel {kernel.key}")
+    reconstruction.check_finite(kernel.step, f"The step of {kernel.key}")
     bias = _bias_of(kernel)
     if bias is not None:
-      check_finite(bias.numpy(), f"The bias of {kernel.key}")
+      reconstruction.check_finite(bias.numpy(), f"The bias of {kernel.key}")
   for layer in bn_layers:
     for variable in (layer.moving_mean, layer.moving_variance):
-      check_finite(variable.numpy(),
+      reconstruction.check_finite(variable.numpy(),
                    f"BatchNorm {layer.name!r} {variable.name}")
 
 

@@ -34,7 +34,7 @@ from opq_tf.core import packing
 from opq_tf.core import report as report_lib
 from opq_tf.keras3 import layers as layers_lib
 from opq_tf.keras3._keras import keras, tensorflow_not_probed
-from opq_tf.keras3.calibration import check_finite
+from opq_tf.core.reconstruction import check_finite
 from opq_tf.keras3.wrapping import compressed_kernels, strip
 
 KERAS_FILE = "model.keras"

@@ -51,8 +51,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
-import time
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -183,7 +181,7 @@ def calibrate(
                       if isinstance(layer, keras.layers.BatchNormalization)]
       with (_batch_statistics_mode(bn_layers + reference_bn) if batchnorm
             else contextlib.nullcontext()):
-        progress = _Progress(len(kernels), verbose)
+        progress = reconstruction.Progress(len(kernels), verbose)
         for kernel in kernels:
           rows[kernel.key] = _reconstruct_kernel(
               model, reference, kernel, kernels, batches, damping,
@@ -201,47 +199,17 @@ def calibrate(
   return report
 
 
-class _Progress:
-  """One stderr line per reconstructed kernel: `calibrate: 3/28 conv/kernel
-  reconstructed in 1.2 s, ~30 s left` (the estimate: mean time per kernel so
-  far times the kernels left)."""
-
-  def __init__(self, total: int, verbose: bool):
-    self.total, self.verbose = total, verbose
-    self.count, self.started = 0, time.monotonic()
-    self.last = self.started
-
-  def done(self, key: str, method: str) -> None:
-    now = time.monotonic()
-    self.count += 1
-    if self.verbose:
-      left = (now - self.started) / self.count * (self.total - self.count)
-      print(f"calibrate: {self.count}/{self.total} {key} {method} in "
-            f"{now - self.last:.1f} s, ~{left:.0f} s left", file=sys.stderr,
-            flush=True)
-    self.last = now
-
-
-def check_finite(values: np.ndarray, what: str) -> None:
-  """Raises a ValueError naming `what` if `values` holds a NaN or an Inf."""
-  if not np.all(np.isfinite(values)):
-    raise ValueError(
-        f"{what} holds NaN or Inf; the model's weights or the calibration "
-        "data are broken there. Restore the weights (e.g. an earlier "
-        "checkpoint) or fix the data, then compress or calibrate again.")
-
-
 def _check_finite(kernels: list[_Kernel], bn_layers) -> None:
   """After calibration: every kernel, step and BatchNorm statistic finite."""
   for kernel in kernels:
-    check_finite(kernel.variable.numpy(), f"Kernel {kernel.key}")
-    check_finite(kernel.step, f"The step of {kernel.key}")
+    reconstruction.check_finite(kernel.variable.numpy(), f"Kernel {kernel.key}")
+    reconstruction.check_finite(kernel.step, f"The step of {kernel.key}")
     bias = _bias_of(kernel)
     if bias is not None:
-      check_finite(bias.numpy(), f"The bias of {kernel.key}")
+      reconstruction.check_finite(bias.numpy(), f"The bias of {kernel.key}")
   for layer in bn_layers:
     for variable in (layer.moving_mean, layer.moving_variance):
-      check_finite(variable.numpy(), f"BatchNorm {layer.name!r} "
+      reconstruction.check_finite(variable.numpy(), f"BatchNorm {layer.name!r} "
                    f"{variable.name.rsplit('/', 1)[-1].split(':')[0]}")
 
 

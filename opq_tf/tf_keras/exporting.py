@@ -26,7 +26,7 @@ from opq_tf.core import report as report_lib
 from opq_tf.tf_keras import packed as packed_lib
 from opq_tf.tf_keras import saved_model as saved_model_lib
 from opq_tf.tf_keras._keras import keras, tf
-from opq_tf.tf_keras.calibration import check_finite
+from opq_tf.core.reconstruction import check_finite
 from opq_tf.tf_keras.packed import load_packed, named_weights  # noqa: F401
 from opq_tf.tf_keras.wrapping import compressed_kernels, strip
 
