@@ -59,7 +59,7 @@ def _frontend(model_or_class: Any):
   return importlib.import_module(_FRONTENDS[frontend_of(model_or_class)])
 
 
-def allocate(model_or_kernels: Any, pruning_rate: float, bits: int,
+def allocate(model_or_kernels: Any, pruning_rate: float, bits: int | str,
              method: str = "opq", **options: Any) -> CompressionPlan:
   """Solves every kernel's threshold and step in one shot (pure NumPy).
 

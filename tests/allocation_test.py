@@ -419,6 +419,64 @@ class BadInputTest(parameterized.TestCase):
       opq_tf.allocate([np.ones(3)], 0.5, 4)
 
 
+def _laplace_kernels(seed=0):
+  """A network's worth of Laplace kernels: sizes from 1k to 64k weights.
+
+  Under the per-kernel objective a Laplace kernel's relative error does not
+  depend on its scale, so sizes are what should make the bits differ: a bit
+  costs a large kernel more. A Lagrangian over discrete bits spends its
+  budget closely only when there are many kernels, as in a real network.
+  """
+  rng = np.random.default_rng(seed)
+  return {f"layer{i}/kernel": rng.laplace(scale=rng.uniform(0.01, 0.3),
+                                          size=(1, 1, channels, 64))
+                              .astype(np.float32)
+          for i, channels in enumerate(rng.integers(16, 1024, size=16))}
+
+
+class MixedBitsTest(parameterized.TestCase):
+
+  @parameterized.product(average_bits=[3, 4, 6], pruning_rate=[0.3, 0.7])
+  def test_spends_the_budget_and_models_less_error_than_uniform(
+      self, average_bits, pruning_rate):
+    mixed = opq_tf.allocate(_laplace_kernels(), pruning_rate, "mixed",
+                            average_bits=average_bits)
+    uniform = opq_tf.allocate(_laplace_kernels(), pruning_rate, average_bits)
+    self.assertLessEqual(mixed.realised_average_bits, average_bits)
+    self.assertGreaterEqual(mixed.weight_bits_ratio, uniform.weight_bits_ratio)
+    self.assertLess(mixed.modelled_relative_error,
+                    uniform.modelled_relative_error)
+    self.assertGreater(len({k.bits for k in mixed.kernels}), 1)
+    self.assertAlmostEqual(mixed.realised_pruning_rate, pruning_rate, places=3)
+
+  def test_bits_stay_in_range_and_overrides_keep_theirs(self):
+    plan = opq_tf.allocate(_laplace_kernels(), 0.5, "mixed", average_bits=4,
+                           bits_range=(3, 6), overrides={"layer3": {"bits": 8}})
+    bits = {k.key: k.bits for k in plan.kernels}
+    self.assertEqual(bits.pop("layer3/kernel"), 8)
+    self.assertTrue(all(3 <= b <= 6 for b in bits.values()), bits)
+    self.assertLessEqual(plan.realised_average_bits, 4)
+
+  def test_json_round_trip_and_table(self):
+    plan = opq_tf.allocate(_laplace_kernels(), 0.5, "mixed", average_bits=4)
+    self.assertEqual(opq_tf.CompressionPlan.from_json(plan.to_json()), plan)
+    self.assertEqual((plan.bits, plan.average_bits), ("mixed", 4.0))
+    self.assertIn("mixed bits", plan.table())
+
+  @parameterized.parameters(
+      ({}, "needs average_bits"),
+      ({"average_bits": 9}, "needs average_bits"),
+      ({"average_bits": 4, "bits_range": (6, 3)}, "lowest < highest"),
+      ({"average_bits": 4, "method": "uniform"}, "method='opq'"))
+  def test_bad_mixed_requests_name_the_fix(self, options, message):
+    with self.assertRaisesRegex(ValueError, message):
+      opq_tf.allocate(_laplace_kernels(), 0.5, "mixed", **options)
+
+  def test_average_bits_without_mixed_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "pass bits='mixed'"):
+      opq_tf.allocate(_laplace_kernels(), 0.5, 4, average_bits=4)
+
+
 class PlanTest(absltest.TestCase):
 
   def test_json_round_trip(self):
