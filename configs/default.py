@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # OPQ compression (method doc, part B).
   config.pruning_rate = 0.9
   config.bits = 4
+  # True: `bits` is the average budget of a mixed plan, each kernel choosing
+  # its own B in 2..8 (allocate(bits="mixed", average_bits=bits)).
+  config.mixed_bits = False
   config.method = "opq"  # opq | uniform | global_magnitude
   # What opq minimises: "per_kernel" = Σ_i e_i / σ_i² (each kernel's error
   # relative to its weights' scale; the library's default, measured best on

@@ -406,6 +406,21 @@ class PlanningTest(absltest.TestCase):
     self.assertEqual(planning.recorded_options(plan),
                      planning.allocate_options(config))
 
+  def test_mixed_bits_spend_bits_as_the_average_budget(self):
+    config = default.get_config()
+    config.update(dict(pruning_rate=0.5, bits=4, mixed_bits=True))
+    rng = np.random.default_rng(0)
+    kernels = {f"dense{i}": rng.laplace(size=(16 * (i + 1), 32)).astype(
+        np.float32) for i in range(8)}
+    plan = allocation.allocate(kernels, **planning.allocate_options(config))
+    self.assertEqual((plan.bits, plan.average_bits), ("mixed", 4.0))
+    self.assertLessEqual(plan.realised_average_bits, 4.0)
+    self.assertEqual(planning.recorded_options(plan),
+                     planning.allocate_options(config))
+    config.mixed_bits = False
+    self.assertNotEqual(planning.recorded_options(plan),
+                        planning.allocate_options(config))
+
 
 class DataDirsTest(absltest.TestCase):
 

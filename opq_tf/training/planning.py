@@ -28,7 +28,9 @@ def allocate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   allocate(kernels, **allocate_options(config)) is the config's plan.
   """
-  return {"pruning_rate": config.pruning_rate, "bits": config.bits,
+  bits = ({"bits": "mixed", "average_bits": float(config.bits)}
+          if config.get("mixed_bits", False) else {"bits": config.bits})
+  return {"pruning_rate": config.pruning_rate, **bits,
           "method": config.method, "objective": config.objective,
           "step_granularity": config.step_granularity,
           "step_stats": config.step_stats, "step_fit": config.step_fit}
@@ -36,7 +38,9 @@ def allocate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def recorded_options(plan: allocation.CompressionPlan) -> dict[str, Any]:
   """The options `plan` was allocated with, keyed as `allocate_options`."""
-  return {"pruning_rate": plan.target_pruning_rate, "bits": plan.bits,
+  bits = ({"bits": "mixed", "average_bits": plan.average_bits}
+          if plan.bits == "mixed" else {"bits": plan.bits})
+  return {"pruning_rate": plan.target_pruning_rate, **bits,
           "method": plan.method, "objective": plan.objective,
           "step_granularity": plan.step_granularity,
           "step_stats": plan.step_stats, "step_fit": plan.step_fit}
