@@ -1,7 +1,9 @@
-"""Tests for opq_tf.tf_keras.litert: int8 OPQ codes in a .tflite file that LiteRT runs."""
+"""Tests for opq_tf.tf_keras.litert and opq_tf.litert_codes: the OPQ codes
+(int8 or int4) in a .tflite file that LiteRT runs, from both frontends."""
 
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -9,6 +11,7 @@ import numpy as np
 from sklearn import datasets
 
 import opq_tf
+from opq_tf import litert_codes
 from opq_tf.training import digits_imagenet
 from opq_tf.tf_keras import litert
 from opq_tf.training import models
@@ -78,6 +81,10 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     cls.directory = tempfile.mkdtemp()
     cls.path = os.path.join(cls.directory, "model.tflite")
     cls.info = litert.convert(cls.qmodel, cls.path)
+    cls.dense_path = os.path.join(cls.directory, "dense.tflite")
+    cls.dense_info = litert.convert(cls.qmodel, cls.dense_path, sparse=False)
+    cls.int4_path = os.path.join(cls.directory, "int4.tflite")
+    cls.int4_info = litert.convert(cls.qmodel, cls.int4_path, weights="int4")
 
   def _bn_factor(self, conv_name: str) -> np.ndarray:
     """gamma / sqrt(var + eps) of the BatchNorm after `conv_name` (x 1/255 at
@@ -208,8 +215,7 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     self.assertGreaterEqual(result["top1_agreement"], 0.9)
 
   def test_sparse_kernels_decode_to_the_codes(self):
-    path = os.path.join(self.directory, "dense.tflite")
-    info = litert.convert(self.qmodel, path, sparse=False)
+    path, info = self.dense_path, self.dense_info
     self.assertEqual(info["kernels_sparse"], 0)
     self.assertGreater(self.info["kernels_sparse"], 0)
     self.assertLess(self.info["bytes"], info["bytes"])
@@ -256,6 +262,194 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual([name for name in os.listdir(self.directory)
                       if name.startswith(".unconvertible")], [])
     self.assertFalse(os.path.exists(path))
+
+
+  # --------------------------------------------------------------------------
+  # int4 weights.
+
+  def _assert_codes(self, path, qmodel, dtypes):
+    """Every compressed kernel's stored integers are its codes (the signs of
+    negative folded factors aside) in the stored type `dtypes[key]`, with
+    the int8 file's scales."""
+    weights = litert.read_weights(path)
+    for kernel in _kernels(qmodel):
+      stored = weights[kernel.key]
+      depthwise = kernel.kind == "DepthwiseConv2D"
+      codes = _layout(kernel.codes, depthwise)
+      self.assertEqual(stored.dtype, dtypes[kernel.key], kernel.key)
+      self.assertEqual(stored.values.dtype, np.int8)
+      np.testing.assert_array_equal(np.abs(stored.values), np.abs(codes))
+      np.testing.assert_array_equal(stored.zero_points, 0)
+    return weights
+
+  def test_int4_stored_integers_are_the_codes(self):
+    path, info = self.int4_path, self.int4_info
+    self.assertEqual((info["weights"], info["kernels_int4"],
+                      info["kernels_int8"], info["kernels_sparse"]),
+                     ("int4", 11, 0, 0))
+    self.assertEqual(info["int8_reasons"], {})
+    int4 = self._assert_codes(path, self.qmodel,
+                              {k.key: "int4" for k in _kernels(self.qmodel)})
+    int8 = litert.read_weights(self.path)  # The int8 file (CSR where smaller).
+    for key, stored in int4.items():
+      np.testing.assert_array_equal(stored.values, int8[key].values)
+      np.testing.assert_array_equal(stored.scales, int8[key].scales)
+      self.assertEqual(stored.quantized_dimension,
+                       int8[key].quantized_dimension)
+    # Half a byte per weight: 308 320 weights, ~158 kB; int8 dense ~312 kB.
+    self.assertLess(info["bytes"], 0.55 * self.dense_info["bytes"])
+    self.assertLess(info["bytes"], self.info["bytes"])  # Smaller than CSR.
+
+  @parameterized.parameters(True, False)
+  def test_int4_interpreter_follows_keras_on_digits(self, xnnpack):
+    result = litert.compare(self.int4_path, self.stripped, self.test_images,
+                            self.test_labels, xnnpack=xnnpack)
+    logits = np.asarray(self.stripped(self.test_images, training=False))
+    self.assertEqual(result["top1_agreement"], 1.0)
+    self.assertLess(result["max_abs_logit_difference"], 1e-4 * np.ptp(logits))
+
+  def test_int4_under_hybrid_keeps_depthwise_int8(self):
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
+    path = os.path.join(self.directory, "hybrid_int4.tflite")
+    info = litert.convert(qmodel, path, compute="hybrid", weights="int4")
+    (reason, keys), = info["int8_reasons"].items()
+    self.assertIn("DEPTHWISE_CONV_2D", reason)
+    self.assertEqual(keys, ["dw/depthwise_kernel"])
+    self._assert_codes(path, qmodel, {"dw/depthwise_kernel": "int8",
+                                      "pw/kernel": "int4", "fc/kernel": "int4"})
+    images = np.random.default_rng(0).normal(size=(16, 12, 12, 3))
+    for xnnpack in (True, False):
+      result = litert.compare(path, opq_tf.strip(qmodel), images,
+                              xnnpack=xnnpack)
+      self.assertGreaterEqual(result["top1_agreement"], 0.9)
+
+  def test_int4_with_int8_activations(self):
+    def representative_data():
+      for image in self.images[:16]:
+        yield [image[None]]
+
+    path = os.path.join(self.directory, "int8_act_int4.tflite")
+    info = litert.convert(self.qmodel, path, int8_activations=True,
+                          representative_data=representative_data,
+                          weights="int4")
+    self.assertEqual(info["kernels_int4"], 11)
+    weights = self._assert_codes(path, self.qmodel,
+                                 {k.key: "int4" for k in _kernels(self.qmodel)})
+    self.assertTrue(all(w.dtype == "int4" for w in weights.values()))
+    result = litert.compare(path, self.stripped, self.test_images)
+    self.assertGreaterEqual(result["top1_agreement"], 0.9)
+
+  def test_kernels_above_four_bits_stay_int8(self):
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4,
+                          overrides={"fc": {"bits": 6}})
+    path = os.path.join(self.directory, "mixed_bits.tflite")
+    info = litert.convert(qmodel, path, weights="int4")
+    self.assertEqual(info["int8_reasons"],
+                     {"B = 6 > 4: its codes need int8": ["fc/kernel"]})
+    self.assertEqual(info["bits"], [4, 6])
+    self._assert_codes(path, qmodel, {"dw/depthwise_kernel": "int4",
+                                      "pw/kernel": "int4", "fc/kernel": "int8"})
+
+  def test_auto_says_what_it_chose(self):
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
+    path = os.path.join(self.directory, "auto.tflite")
+    info = litert.convert(qmodel, path, weights="auto")
+    auto = info["auto"]
+    self.assertIn("XNNPACK on", auto["measured"])
+    self.assertGreater(auto["all_int8_ms"], 0)
+    ops = {"dw/depthwise_kernel": "DEPTHWISE_CONV_2D", "pw/kernel": "CONV_2D",
+           "fc/kernel": "FULLY_CONNECTED"}
+    self.assertEqual(sorted(auto.keys() - {"measured", "all_int8_ms"}),
+                     sorted(set(ops.values())))
+    dtypes = {key: auto[op]["chose"] for key, op in ops.items()}
+    self._assert_codes(path, qmodel, dtypes)
+    self.assertEqual(info["kernels_int4"],
+                     sum(d == "int4" for d in dtypes.values()))
+    for reason, keys in info["int8_reasons"].items():
+      self.assertTrue(reason.startswith("auto: "), reason)
+      self.assertTrue(all(dtypes[key] == "int8" for key in keys))
+
+  def test_unrunnable_file_is_never_written(self):
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
+    path = os.path.join(self.directory, "unrunnable.tflite")
+    # Without the table of what LiteRT cannot run in int4, the hybrid
+    # depthwise kernel gets an int4 filter, which the interpreter refuses.
+    with mock.patch.dict(litert_codes._NO_INT4, clear=True):
+      with self.assertRaisesRegex(ValueError,
+                                  "does not run in the LiteRT interpreter"):
+        litert.convert(qmodel, path, compute="hybrid", weights="int4")
+    self.assertFalse(os.path.exists(path))
+    self.assertEqual([name for name in os.listdir(self.directory)
+                      if name.startswith(".unrunnable")], [])
+
+  def test_bad_weights_option(self):
+    with self.assertRaisesRegex(ValueError, "use one of .*int4"):
+      litert.convert(self.qmodel, os.path.join(self.directory, "w.tflite"),
+                     weights="int3")
+    with self.assertRaisesRegex(ValueError, "litert_weights='int3'"):
+      opq_tf.export(self.qmodel, os.path.join(self.directory, "bad_export"),
+                    litert=True, litert_weights="int3")
+    self.assertFalse(os.path.exists(os.path.join(self.directory, "bad_export")))
+
+  def test_export_writes_int4(self):
+    report = opq_tf.export(self.qmodel, os.path.join(self.directory, "export"),
+                           formats=("packed",), litert=True,
+                           litert_weights="int4")
+    self.assertEqual(report["litert"]["kernels_int4"], 11)
+    path = os.path.join(self.directory, "export", "model.tflite")
+    self.assertEqual(report["litert"]["bytes"], os.path.getsize(path))
+    self.assertEqual({w.dtype for w in litert.read_weights(path).values()},
+                     {"int4"})
+
+
+def _keras3_model(keras3):
+  """MultiHeadAttention (EinsumDense projections) + Dense + Conv1D, Keras 3."""
+  inputs = keras3.Input((8, 16))
+  x = keras3.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+  x = keras3.layers.Dense(32, activation="relu", name="ff")(x)
+  x = keras3.layers.Conv1D(16, 3, name="conv")(x)
+  x = keras3.layers.GlobalAveragePooling1D(name="pool")(x)
+  return keras3.Model(inputs, keras3.layers.Dense(5, name="fc")(x))
+
+
+class Keras3LitertTest(parameterized.TestCase):
+  """Keras 3 (TensorFlow backend) writes its .tflite with the shared writer."""
+
+  @parameterized.parameters("int8", "int4")
+  def test_stored_integers_are_the_codes(self, weights):
+    import keras as keras3  # pylint: disable=g-import-not-at-top
+    from opq_tf.keras3 import wrapping as keras3_wrapping  # pylint: disable=g-import-not-at-top
+
+    if keras3.backend.backend() != "tensorflow":
+      self.skipTest("LiteRT export needs Keras 3's TensorFlow backend")
+    keras3.utils.set_random_seed(0)
+    qmodel = opq_tf.apply(_keras3_model(keras3), pruning_rate=0.5, bits=4)
+    directory = os.path.join(tempfile.mkdtemp(), "out")
+    report = opq_tf.export(qmodel, directory, formats=("packed",),
+                           litert=True, litert_weights=weights)
+    path = os.path.join(directory, "model.tflite")
+    kernels = keras3_wrapping.compressed_kernels(qmodel)
+    self.assertLen(kernels, 7)  # 4 EinsumDense, 2 Dense, 1 Conv1D.
+    self.assertEqual(report["litert"][f"kernels_{weights}"], 7)
+    stored = litert_codes.read_weights(path)
+    self.assertEqual(sorted(stored), sorted(k.key for k in kernels))
+    for kernel in kernels:
+      codes = np.moveaxis(kernel.codes, kernel.channel_axes,
+                          range(len(kernel.channel_axes)))
+      self.assertEqual(stored[kernel.key].dtype, weights)
+      np.testing.assert_array_equal(
+          stored[kernel.key].values.reshape(-1),
+          codes.reshape(-1), err_msg=kernel.key)
+    images = np.random.default_rng(0).normal(size=(32, 8, 16))
+    for xnnpack in (True, False):
+      result = litert_codes.compare(path, opq_tf.strip(qmodel), images,
+                                    xnnpack=xnnpack)
+      self.assertEqual(result["top1_agreement"], 1.0)
+      self.assertLess(result["max_abs_logit_difference"], 1e-5)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,18 @@ returning one) and fills its weights by key, so they equal
 `strip(qmodel)`'s bit for bit.
 
 Formats: "keras", "packed" (always: report.json's sizes are measured on it),
-"saved_model" and "litert" (keras' own `Model.export`; they need TensorFlow,
-which they import, also on the JAX backend through jax2tf). The default is
-("keras", "packed"), plus "saved_model" on the TensorFlow backend; on JAX
-nothing the default writes imports TensorFlow.
+"saved_model" (keras' own `Model.export`; it needs TensorFlow, which it
+imports, also on the JAX backend through jax2tf) and, on the TensorFlow
+backend, "litert": keras' LiteRT conversion of the stripped model, whose
+compressed kernels `opq_tf.litert_codes` (the writer the tf_keras frontend
+shares) then replaces by the OPQ codes, int8 or int4, as tf_keras does. The
+default is ("keras", "packed"), plus "saved_model" on the TensorFlow
+backend; on JAX nothing the default writes imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -45,6 +49,12 @@ LITERT_FILE = "model.tflite"
 FORMATS = ("keras", "saved_model", "packed", "litert")
 
 named_weights = layers_lib.named_weights
+# Kind -> the LiteRT op keras' conversion computes its kernel with (a
+# "depthwise_kernel" weight: DEPTHWISE_CONV_2D); other kinds are refused.
+_LITERT_OPS = {"Conv1D": "conv_2d", "Conv2D": "conv_2d",
+               "SeparableConv2D": "conv_2d", "Dense": "fully_connected",
+               "EinsumDense": "fully_connected",
+               "DepthwiseConv2D": "depthwise_conv_2d"}
 
 
 def _check_target(directory: str) -> None:
@@ -96,6 +106,40 @@ def _packed_kernels(kernels, stripped: keras.Model, names_by_id: dict):
   return packed
 
 
+def _write_litert(kernels, stripped: keras.Model, path: str,
+                  input_signature: Any, weights: str) -> dict:
+  """model.tflite: keras' conversion with the codes as integer weights."""
+  from opq_tf import litert_codes  # pylint: disable=g-import-not-at-top
+
+  converted = path + ".float.tflite"
+  try:
+    stripped.export(converted, format="litert", verbose=False,
+                    input_signature=input_signature)
+    with open(converted, "rb") as f:
+      float_content = f.read()
+  finally:
+    if os.path.exists(converted):
+      os.remove(converted)
+  ops = {kernel.key: ("depthwise_conv_2d" if kernel.weight == "depthwise_kernel"
+                      else _LITERT_OPS.get(kernel.kind)) for kernel in kernels}
+  content, facts = litert_codes.rewrite(float_content, kernels, ops,
+                                        weights=weights)
+  litert_codes.save(path, content)
+  return {
+      "file": LITERT_FILE,
+      "bytes": len(content),
+      "gzip_bytes": len(gzip.compress(content, 9)),
+      "activations": "float32",
+      "compute": "float",
+      "conversion": (
+          "keras Model.export(format='litert'); each compressed kernel's "
+          f"tensor rewritten as OPQ codes ({weights}), zero point 0, scale = "
+          "step x the factor the converter folded in; DEQUANTIZE into float "
+          "ops; int8 kernels in CSR + DENSIFY where smaller"),
+      **facts,
+  }
+
+
 def export(
     model: keras.Model,
     directory: Union[str, os.PathLike],
@@ -103,6 +147,8 @@ def export(
     formats: Optional[Sequence[str]] = None,
     plan: Optional[Any] = None,
     input_signature: Any = None,
+    litert: bool = False,
+    litert_weights: str = "int8",
 ) -> dict:
   """Writes `directory` with report.json and each of `formats`.
 
@@ -115,15 +161,18 @@ def export(
     formats: some of "keras" (model.keras, the stripped model), "packed"
       (always needed), "saved_model" (saved_model/, keras'
       `Model.export(format="tf_saved_model")`, serving its inputs) and
-      "litert" (model.tflite, keras' `Model.export(format="litert")`: FP32
-      weights holding the compressed values; the tf_keras frontend's
-      converter, whose int8 weights are the OPQ codes, has no Keras 3
-      counterpart yet). Default: ("keras", "packed"), and "saved_model" on
-      the TensorFlow backend.
+      "litert" (model.tflite, TensorFlow backend: keras' LiteRT conversion
+      with the OPQ codes as its integer weights, as the tf_keras frontend
+      writes them). Default: ("keras", "packed"), and "saved_model" on the
+      TensorFlow backend.
     plan: the `CompressionPlan` the model was made with, recorded in
       report.json (the model holds every mask and step, not the request).
     input_signature: passed to keras' `Model.export` (default: the model's
       inputs with a free batch dimension).
+    litert: the same as adding "litert" to `formats`.
+    litert_weights: "int8", "int4" (B <= 4 kernels as int4 codes where
+      LiteRT runs their op so; the report says which stayed int8 and why) or
+      "auto" (int4 per op type where measured no slower).
 
   Returns:
     The report (also written to report.json).
@@ -134,6 +183,19 @@ def export(
   """
   directory = os.path.abspath(os.fspath(directory))
   formats = _check_formats(formats)
+  if litert:
+    formats = _check_formats(formats + ("litert",))
+  if "litert" in formats:
+    if keras.backend.backend() != "tensorflow":
+      raise ValueError(
+          "The LiteRT format needs the TensorFlow backend (its converter); "
+          f"this is {keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow "
+          "or leave 'litert' out of formats.")
+    from opq_tf import litert_codes  # pylint: disable=g-import-not-at-top
+
+    if litert_weights not in litert_codes.WEIGHTS:
+      raise ValueError(f"litert_weights={litert_weights!r}; use one of "
+                       f"{litert_codes.WEIGHTS}.")
   _check_target(directory)
   kernels = compressed_kernels(model)
   for kernel in kernels:  # A NaN latent weight is NaN even where pruned.
@@ -168,13 +230,16 @@ def export(
         stripped.export(os.path.join(temp, SAVED_MODEL_DIR),
                         format="tf_saved_model", verbose=False,
                         input_signature=input_signature)
-      if "litert" in formats:
-        stripped.export(os.path.join(temp, LITERT_FILE), format="litert",
-                        verbose=False, input_signature=input_signature)
+      litert_facts = (
+          _write_litert(kernels, stripped, os.path.join(temp, LITERT_FILE),
+                        input_signature, litert_weights)
+          if "litert" in formats else None)
       stats = packing.write_packed(os.path.join(temp, PACKED_FILE), packed,
                                    rest)
       report = report_lib.build(kernels, packed, rest, stats, plan=plan,
                                 files=written)
+      if litert_facts is not None:
+        report["litert"] = litert_facts
       files.write_json(os.path.join(temp, REPORT_FILE), report)
       _check_target(directory)
       if os.path.isdir(directory):

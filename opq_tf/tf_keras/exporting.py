@@ -4,7 +4,7 @@
     report = opq_tf.export(qmodel, "out/", formats=("packed", "litert"))
     # out/saved_model/   SavedModel of opq_tf.strip(qmodel), serving_default
     # out/model.opq      entropy-coded masks/codes + steps + raw FP32 rest
-    # out/model.tflite   LiteRT, int8 weights that are exactly the OPQ codes
+    # out/model.tflite   LiteRT, int8 (or int4) weights that are the OPQ codes
     # out/report.json    plan + realised sizes and ratios (opq_tf/core/report.py)
     model = opq_tf.load_packed("out/model.opq", build_model)
 
@@ -73,6 +73,7 @@ def export(
     input_signature: Optional[Sequence[tf.TensorSpec]] = None,
     litert: bool = False,
     litert_int8_activations: bool = False,
+    litert_weights: str = "int8",
     representative_data: Optional[Callable[[], Any]] = None,
 ) -> dict:
   """Writes `directory` with report.json and each of `formats`.
@@ -97,10 +98,14 @@ def export(
       `(None, *input shape)` per model input, named "inputs" for a
       single-input model.
     litert: the same as adding "litert" to `formats`: model.tflite
-      (`opq_tf.tf_keras.litert`), whose int8 weights are exactly the OPQ
+      (`opq_tf.tf_keras.litert`), whose integer weights are exactly the OPQ
       codes; report.json gains its facts under "litert".
     litert_int8_activations: quantize the .tflite's activations to int8 too
       (needs `representative_data`, a function yielding [one-image batch]).
+    litert_weights: "int8", "int4" (B <= 4 kernels as int4 codes where
+      LiteRT runs their op so, the rest int8, and the report says why) or
+      "auto" (int4 per op type where measured no slower; the report gives
+      the latencies and the choice).
     representative_data: see litert_int8_activations.
 
   Returns:
@@ -112,6 +117,13 @@ def export(
   """
   directory = os.path.abspath(os.fspath(directory))
   formats = _check_formats(formats, litert)
+  if "litert" in formats:
+    # Imported on use: it loads the LiteRT runtime and flatbuffer schema.
+    from opq_tf import litert_codes  # pylint: disable=g-import-not-at-top
+
+    if litert_weights not in litert_codes.WEIGHTS:
+      raise ValueError(f"litert_weights={litert_weights!r}; use one of "
+                       f"{litert_codes.WEIGHTS}.")
   _check_target(directory)
   kernels = compressed_kernels(model)
   for kernel in kernels:  # A NaN latent weight is NaN even where pruned.
@@ -143,7 +155,7 @@ def export(
         litert_facts = litert_lib.write(
             kernels, stripped, os.path.join(temp, litert_lib.LITERT_FILE),
             int8_activations=litert_int8_activations,
-            representative_data=representative_data)
+            representative_data=representative_data, weights=litert_weights)
         written["litert"] = litert_lib.LITERT_FILE
       report = report_lib.build(kernels, packed, rest, stats, plan, written)
       if litert_facts is not None:
