@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 from unittest import mock
 import warnings
 
@@ -10,6 +11,7 @@ from absl.testing import parameterized
 import numpy as np
 
 import opq_tf
+from opq_tf.core import activations
 from opq_tf.core import reconstruction
 from opq_tf.tf_keras import calibration
 from opq_tf.tf_keras import wrapping
@@ -472,6 +474,149 @@ class ReconstructTest(parameterized.TestCase):
       np.testing.assert_allclose(
           component.numpy(), single.get_layer("bn").moving_variance.numpy(),
           rtol=1e-4)
+
+
+def _branching_model() -> keras.Model:
+  """A residual block (Add of a two-conv branch and a 1x1 shortcut) in a
+  nested Functional submodel, between a stem and a classifier."""
+  block_input = keras.Input((8, 8, 8))
+  y = keras.layers.Conv2D(8, 3, padding="same", name="branch_a")(block_input)
+  y = keras.layers.BatchNormalization(name="branch_a_bn")(y)
+  y = keras.layers.ReLU()(y)
+  y = keras.layers.Conv2D(8, 1, name="branch_b")(y)
+  shortcut = keras.layers.Conv2D(8, 1, name="shortcut")(block_input)
+  block = keras.Model(block_input, keras.layers.ReLU()(
+      keras.layers.Add()([y, shortcut])), name="block")
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+  x = keras.layers.BatchNormalization(name="stem_bn")(x)
+  x = block(keras.layers.ReLU()(x))
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+
+
+def _reconstruct_from_the_images(qmodel, images, batch_size):
+  """The direct reference: calibrate(reconstruct=True) with each kernel's
+  inputs X and Z taken by running the network's prefix from the images
+  (quadratic in depth), with the same solver."""
+  kernels = calibration._compressed_kernels(qmodel, None)  # pylint: disable=protected-access
+  batches = [images[start:start + batch_size]
+             for start in range(0, len(images), batch_size)]
+  batchnorm = [layer for layer in qmodel.layers
+               if isinstance(layer, keras.layers.BatchNormalization)]
+  calibration._reestimate_batchnorm(qmodel, batchnorm, batches)  # pylint: disable=protected-access
+  fp32 = calibration._fp32_network(qmodel, kernels)  # pylint: disable=protected-access
+  fp32_batchnorm = [layer for layer in fp32.layers
+                    if isinstance(layer, keras.layers.BatchNormalization)]
+  with calibration._batch_statistics_mode(batchnorm + fp32_batchnorm):  # pylint: disable=protected-access
+    for kernel in kernels:
+      prefixes = [
+          keras.Model(qmodel.inputs, calibration._layer_input(  # pylint: disable=protected-access
+              qmodel, kernel.node_layer)),
+          keras.Model(fp32.inputs, calibration._layer_input(  # pylint: disable=protected-access
+              fp32, fp32.get_layer(kernel.layer.name)))]
+      inputs, targets = ([prefix(batch, training=False) for batch in batches]
+                         for prefix in prefixes)
+      calibration._reconstruct_kernel(  # pylint: disable=protected-access
+          kernel, kernels, inputs, targets, calibration.DEFAULT_DAMPING,
+          calibration.DEFAULT_MIN_SAMPLES_PER_WEIGHT)
+  calibration._reestimate_batchnorm(qmodel, batchnorm, batches)  # pylint: disable=protected-access
+
+
+class LayerByLayerTest(parameterized.TestCase):
+  """Kernel inputs from cached layer outputs (linear in depth) against the
+  prefix re-run from the images for every kernel."""
+
+  def setUp(self):
+    super().setUp()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+
+  def test_matches_prefixes_run_from_the_images_on_a_branching_model(self):
+    fp32 = _trained(_branching_model)
+    images = _correlated_inputs(120, (8, 8, 3))
+    walked = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
+    direct = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
+    before = _kernel_state(walked)
+    self.assertNotIn("block", [layer.name for layer in walked.layers])
+
+    report = _calibrate(walked, images, reconstruct=True, batch_size=40,
+                        verbose=False)
+    _reconstruct_from_the_images(direct, images, batch_size=40)
+
+    self.assertLen(report.kernels, 5)
+    self.assertTrue(all(row.method == "reconstructed"
+                        for row in report.kernels.values()), report.table())
+    self._assert_compressed_kernels_move(before, _kernel_state(walked))
+    # Tolerance: the same float32 operations in another grouping (eager
+    # layer by layer, not one graph per prefix) may move a product by an
+    # ulp, which may round a weight at a grid midpoint the other way. On
+    # this model the kernels come out identical; at most 1% of a kernel's
+    # weights may differ, by one step, and the rest of the model to 1e-5.
+    want = _kernel_state(direct)
+    for key, (kernel, _, step, _) in _kernel_state(walked).items():
+      moved = kernel != want[key][0]
+      self.assertLessEqual(np.mean(moved), 0.01, key)
+      np.testing.assert_allclose(np.abs(kernel - want[key][0])[moved],
+                                 step[moved], rtol=1e-6, err_msg=key)
+    for got, expected in zip(walked.weights, direct.weights):
+      np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5,
+                                 atol=1e-5, err_msg=expected.name)
+
+  def _assert_compressed_kernels_move(self, before, after):
+    for key, (kernel, mask, step, _) in before.items():
+      new_kernel = after[key][0]
+      np.testing.assert_array_equal(new_kernel[~mask], 0.0, err_msg=key)
+      np.testing.assert_array_equal(
+          (np.round(new_kernel / step) * step).astype(np.float32), new_kernel,
+          err_msg=key)
+    self.assertTrue(any(np.any(after[key][0] != kernel)
+                        for key, (kernel, *_) in before.items()))
+
+  def test_activations_on_disk_give_the_same_model(self):
+    fp32 = _trained(_branching_model)
+    images = _correlated_inputs(80, (8, 8, 3))
+    in_memory = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
+    on_disk = opq_tf.apply(fp32, pruning_rate=0.6, bits=3)
+    _calibrate(in_memory, images, reconstruct=True, verbose=False)
+    folders = []
+    real_mkdtemp = activations.tempfile.mkdtemp
+
+    def mkdtemp(**kwargs):
+      folders.append(real_mkdtemp(**kwargs))
+      return folders[-1]
+
+    with mock.patch.object(calibration, "_CACHE_BYTES", 0), \
+        mock.patch.object(activations.tempfile, "mkdtemp", mkdtemp):
+      _calibrate(on_disk, images, reconstruct=True, verbose=False)
+
+    self.assertLen(folders, 1)
+    self.assertFalse(os.path.exists(folders[0]))  # removed at the end
+    for got, want in zip(on_disk.weights, in_memory.weights):
+      np.testing.assert_array_equal(got.numpy(), want.numpy(), want.name)
+
+
+class ActivationCacheTest(absltest.TestCase):
+
+  def test_keeps_each_batch_until_its_last_use_in_memory_or_on_disk(self):
+    batches = [np.arange(6.0).reshape(2, 3), np.ones((1, 3))]
+    for memory_bytes, on_disk in ((2**20, False), (48, True)):
+      with activations.ActivationCache({"x": 2, "unused": 0},
+                                       memory_bytes) as cache:
+        for batch in batches:
+          cache.append("x", batch)
+          cache.append("unused", batch)
+        self.assertEqual(cache.on_disk, on_disk)
+        for _ in range(2):
+          got = cache.take("x")
+          self.assertLen(got, 2)
+          for value, want in zip(got, batches):
+            np.testing.assert_array_equal(value, want)
+        self.assertEqual(isinstance(got[1], np.memmap), on_disk)
+        with self.assertRaisesRegex(KeyError, "no use left"):
+          cache.take("x")
+        with self.assertRaisesRegex(KeyError, "never stored"):
+          cache.take("unused")
 
 
 class MaskedLeastSquaresTest(parameterized.TestCase):
