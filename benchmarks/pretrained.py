@@ -2,6 +2,7 @@
 
     python -m benchmarks.pretrained                      # MobileNet-V1 0.75, ~3 h
     python -m benchmarks.pretrained --quick              # two rows, ~5 min
+    KERAS_BACKEND=jax python -m benchmarks.pretrained --frontend=keras3 --quick
 
 Takes any tf_keras model with weights (a full saved model, or a
 `tf_keras.applications` constructor with its options and a weights file) and a
@@ -9,6 +10,11 @@ folder of labelled images `<wnid>.JPEG` (label = position of the wnid among the
 sorted wnids of the folder's 1,000 classes, the Keras/TFDS order). Default:
 ../shared/data/imagenet_mobilenet (real ImageNet MobileNet-V1 0.75 weights and
 1,000 real images); where it is absent the benchmark says so and exits 0.
+`--frontend=keras3` loads the same weights file into Keras 3's
+`keras.applications.MobileNet` (on the backend KERAS_BACKEND names) and runs
+the same rows through the Keras 3 frontend; every row records its frontend
+and backend and the seconds of each step (allocate, apply, strip, calibrate,
+evaluate), so the frontends' figures and times compare row by row.
 
 Fixed split of the sorted files: the first half calibrates, the second half
 evaluates. For each (p, B), method, step granularity and calibration (none,
@@ -74,6 +80,10 @@ _PREPROCESS = flags.DEFINE_string(
     "applied to the 0..255 centre crop.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Centre crop size.")
 _QUICK = flags.DEFINE_bool("quick", False, "Two rows only, to check it runs.")
+_FRONTEND = flags.DEFINE_enum(
+    "frontend", "tf_keras", ["tf_keras", "keras3"],
+    "tf_keras, or keras3: the same weights in Keras 3's application, on the "
+    "backend KERAS_BACKEND names (the tfmot rows need tf_keras).")
 _SETTINGS = flags.DEFINE_string("settings", "0.5:8,0.656:4,0.8:4",
                                 "p:B pairs.")
 _RECONSTRUCT = flags.DEFINE_string(
@@ -125,16 +135,40 @@ def load_images(folder: str, image_size: int, preprocess: str) -> Images:
   return Images(pixels[:half], pixels[half:], labels[half:])
 
 
-def load_model() -> keras.Model:
+def _keras():
+  """The Keras the chosen frontend builds with (tf_keras, or Keras 3)."""
+  if _FRONTEND.value == "keras3":
+    import keras as keras3  # pylint: disable=g-import-not-at-top
+    return keras3
+  return keras
+
+
+def backend() -> str:
+  """"tensorflow" for tf_keras; Keras 3's backend for keras3."""
+  return _keras().backend.backend() if _FRONTEND.value == "keras3" else (
+      "tensorflow")
+
+
+def compressed_kernels(qmodel) -> list:
+  """The wrapped model's kernels, which calibrating its stripped copy needs."""
+  if _FRONTEND.value == "keras3":
+    from opq_tf.keras3 import wrapping  # pylint: disable=g-import-not-at-top
+  else:
+    from opq_tf.tf_keras import wrapping  # pylint: disable=g-import-not-at-top
+  return wrapping.compressed_kernels(qmodel)
+
+
+def load_model():
+  k = _keras()
   if _MODEL.value:
-    return keras.models.load_model(_MODEL.value, compile=False)
-  constructor = getattr(keras.applications, _APPLICATION.value)
+    return k.models.load_model(_MODEL.value, compile=False)
+  constructor = getattr(k.applications, _APPLICATION.value)
   model = constructor(weights=None, **json.loads(_APPLICATION_KWARGS.value))
   model.load_weights(os.path.join(_DATA.value, _WEIGHTS.value))
   return model
 
 
-def accuracy(model: keras.Model, images: Images) -> tuple[float, float]:
+def accuracy(model, images: Images) -> tuple[float, float]:
   """(top-1, top-5) on the evaluation half."""
   logits = model.predict(images.evaluation, batch_size=_EVAL_BATCH, verbose=0)
   top5 = np.argsort(-logits, axis=1)[:, :5]
@@ -153,6 +187,8 @@ def tfmot_plan(model: keras.Model, pruning_rate: float, bits: int,
   the tensor or, per_axis, over each output channel; the plan's steps are set
   to that and checked against the quantizer itself.
   """
+  if _FRONTEND.value != "tf_keras":
+    raise ValueError("The tfmot rows need --frontend=tf_keras.")
   plan = opq_tf.allocate(model, pruning_rate, bits, method="uniform",
                          step_granularity=granularity)
   kernels = layers.compressible_kernels(model)
@@ -214,25 +250,35 @@ def run_row(model, images: Images, method: str, pruning_rate: float,
   start = time.perf_counter()
   plan = plan_for(model, method, pruning_rate, bits, granularity)
   allocation_seconds = time.perf_counter() - start
+  start = time.perf_counter()
   qmodel = opq_tf.apply(model, plan)
+  apply_seconds = time.perf_counter() - start
   base = {
+      "frontend": _FRONTEND.value, "backend": backend(),
       "pruning_rate": pruning_rate, "bits": bits, "method": method,
       "granularity": granularity,
       "realised_sparsity": plan.realised_pruning_rate,
       "weight_bits_ratio": plan.weight_bits_ratio,
       "allocation_seconds": allocation_seconds,
+      "apply_seconds": apply_seconds,
   }
   rows = []
   for calibration in calibrations:
+    start = time.perf_counter()
     stripped = opq_tf.strip(qmodel)
+    strip_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if calibration != "none":
       opq_tf.calibrate(stripped, images.calibration, batchnorm=True,
-                       reconstruct=calibration.endswith("reconstruct"))
+                       reconstruct=calibration.endswith("reconstruct"),
+                       kernels=compressed_kernels(qmodel))
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
     top1, top5 = accuracy(stripped, images)
     rows.append({**base, "calibration": calibration, "top1": top1,
-                 "top5": top5, "calibration_seconds": seconds})
+                 "top5": top5, "strip_seconds": strip_seconds,
+                 "calibration_seconds": seconds,
+                 "evaluation_seconds": time.perf_counter() - start})
     logging.info("%s", json.dumps(rows[-1]))
     print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -249,7 +295,9 @@ def markdown(fp32: tuple[float, float], rows: list[dict], context: dict) -> str:
       "# One-shot compression of a real pre-trained model (no finetuning)",
       "",
       f"Written by `python -m benchmarks.pretrained` on {context['date']}, "
-      f"{context['machine']}; model {context['model']}, "
+      f"{context['machine']}; model {context['model']} "
+      f"({context.get('frontend', 'tf_keras')} frontend, "
+      f"{context.get('backend', 'tensorflow')} backend), "
       f"{context['evaluation_images']} evaluation and "
       f"{context['calibration_images']} calibration images. FP32: top-1 "
       f"{fp32[0]:.1%}, top-5 {fp32[1]:.1%}. Analysis: docs/benchmarks.md.",
@@ -316,15 +364,20 @@ def main(argv: Sequence[str]) -> None:
           for granularity in GRANULARITIES]
   if _QUICK.value:
     jobs = [(0.5, 8, "opq/per_kernel", "channel"), (0.5, 8, "uniform", "kernel")]
+  if _FRONTEND.value != "tf_keras":
+    jobs = [job for job in jobs if job[2] != "tfmot"]
   rows = []
+  suffix = "" if _FRONTEND.value == "tf_keras" else f"_keras3_{backend()}"
   results_path = os.path.join(
-      _OUT.value, "pretrained_quick.json" if _QUICK.value
-      else "pretrained_results.json")
+      _OUT.value, f"pretrained_quick{suffix}.json" if _QUICK.value
+      else f"pretrained_results{suffix}.json")
   context = {
       "date": time.strftime("%Y-%m-%d"),
       "machine": f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores",
       "model": _MODEL.value or f"{_APPLICATION.value}({_APPLICATION_KWARGS.value})",
+      "frontend": _FRONTEND.value,
+      "backend": backend(),
       "calibration_images": len(images.calibration),
       "evaluation_images": len(images.evaluation),
   }
@@ -345,9 +398,9 @@ def main(argv: Sequence[str]) -> None:
     files.write_json(results_path, {"fp32": fp32, "context": context,
                                     "rows": rows})
   if not _QUICK.value:
-    files.atomic_write(os.path.join(_OUT.value, "pretrained_results.md"),
+    files.atomic_write(os.path.join(_OUT.value, f"pretrained_results{suffix}.md"),
                        markdown(fp32, rows, context))
-    plot(fp32, rows, os.path.join(_OUT.value, "pretrained.png"))
+    plot(fp32, rows, os.path.join(_OUT.value, f"pretrained{suffix}.png"))
   print(markdown(fp32, rows, context))
 
 

@@ -2,8 +2,10 @@
 
 Keras fixes its backend per process (KERAS_BACKEND at import), and the main
 pytest process runs TensorFlow with tf_keras, so tests/keras3_test.py runs
-this file in a subprocess once per backend (tensorflow, jax; PyTorch is not
-installed here). Not collected by pytest itself (no `_test.py` suffix).
+this file in a subprocess once per backend (tensorflow, jax; on torch it
+passes too, in over 3 minutes, so CI runs only the shorter
+keras3_no_tensorflow_check.py there). Not collected by pytest itself (no
+`_test.py` suffix).
 """
 
 import os
@@ -94,12 +96,6 @@ class LayersTest(parameterized.TestCase):
   def test_nested_models_keep_their_layer_names(self):
     self.assertEqual(list(layers_lib.compressible_kernels(
         models.nested_model())), ["stem/kernel", "rows/kernel", "head/kernel"])
-
-  @parameterized.parameters(("abc,cde->abde", (-2, -1)),
-                            ("abcd,cde->abe", (-1,)), ("ab,bc->ac", (-1,)),
-                            ("ab,cb->ac", ()), ("...b,bc->...c", (-1,)))
-  def test_einsum_channel_axes(self, equation, axes):
-    self.assertEqual(quantize_configs.einsum_channel_axes(equation), axes)
 
   def test_einsum_with_leading_output_axis_gets_one_step(self):
     inputs = keras.Input((5,))
@@ -412,7 +408,11 @@ class CalibrateTest(absltest.TestCase):
     hidden = ScaledDense(12, name="scaled")(inputs)
     model = models.randomize(keras.Model(
         inputs, keras.layers.Dense(2, name="out")(hidden)))
-    data = np.random.RandomState(0).normal(size=(128, 6)).astype(np.float32)
+    # Correlated inputs: with white ones the fit is plain rounding (X X^T ~ I)
+    # and "reconstructed" would hang on a floating-point tie.
+    random = np.random.RandomState(0)
+    data = (random.normal(size=(128, 6))
+            @ random.normal(size=(6, 6))).astype(np.float32)
     try:
       for like, method in ((None, "plain rounding"),
                            (keras.layers.Dense, "reconstructed")):
@@ -421,7 +421,7 @@ class CalibrateTest(absltest.TestCase):
         row = opq_tf.calibrate(qmodel, data, reconstruct=True,
                                batchnorm=False, verbose=False).kernels[
                                    "scaled/kernel"]
-        self.assertEqual(row.method, method, row)
+        self.assertEqual(row.method, method, str(row))
         if like is None:
           self.assertIn("like=", row.reason)
     finally:

@@ -2,11 +2,14 @@
 
 Runs in the main pytest process: tf_keras (TensorFlow) and Keras 3 (on the
 backend KERAS_BACKEND names, TensorFlow by default) live side by side. The
-same Conv+BN+depthwise+separable+Dense network is built in both with the
-same weights; the plans must be equal to the last digit, the codes equal and
-the packed files equal byte for byte. Calibration sums float32 statistics in
-each framework's own order, so it agrees within a tolerance instead (see
-test_calibration_agrees).
+same Conv+BN+depthwise+separable+Dense network, and an attention network
+(MultiHeadAttention's four EinsumDense projections, an EinsumDense, a
+Dense), is built in both with the same weights; the plans must be equal to
+the last digit, the codes equal and the packed files equal byte for byte.
+Calibration sums float32 statistics in each framework's own order, so it
+agrees within a tolerance instead (see test_calibration_agrees); the
+tf_keras frontend keeps a sublayer's kernels (MultiHeadAttention's) at plain
+rounding, so only the conv network's calibration is compared.
 """
 
 import os
@@ -52,6 +55,37 @@ def _twins(seed: int = 0):
   for name, variable in target.items():
     variable.assign(source[name].numpy())
   return twin, model
+
+
+def _attention_model(k):
+  """An attention network in Keras `k` (tf_keras or Keras 3), same layers."""
+  inputs = k.Input(keras3_models.SEQUENCE_SHAPE, name="embeddings")
+  x = k.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+  x = k.layers.LayerNormalization(name="norm")(x + inputs)
+  x = k.layers.EinsumDense("abc,cd->abd", (None, 8), bias_axes="d",
+                           name="projection")(x)
+  x = k.layers.GlobalAveragePooling1D(name="pool")(x)
+  return k.Model(inputs, k.layers.Dense(3, name="head")(x))
+
+
+def _attention_twins():
+  """(tf_keras, Keras 3) attention networks with the same weights, by key."""
+  model = keras3_models.randomize(_attention_model(keras))
+  twin = _attention_model(tf_keras)
+  source = keras3_layers.named_weights(model)
+  target = tf_keras_exporting.named_weights(twin)
+  if sorted(source) != sorted(target):
+    raise AssertionError(f"weight keys differ: {sorted(source)} vs "
+                         f"{sorted(target)}")
+  for name, variable in target.items():
+    variable.assign(source[name].numpy())
+  return twin, model
+
+
+def _packed_bytes(qmodel, directory: str, plan) -> tuple[bytes, dict]:
+  report = opq_tf.export(qmodel, directory, formats=("packed",), plan=plan)
+  with open(os.path.join(directory, "model.opq"), "rb") as f:
+    return f.read(), report
 
 
 class ParityTest(parameterized.TestCase):
@@ -107,6 +141,42 @@ class ParityTest(parameterized.TestCase):
     for name, variable in keras3_layers.named_weights(loaded).items():
       np.testing.assert_array_equal(variable.numpy(), stripped[name].numpy(),
                                     name)
+
+  def test_attention_same_plan_codes_and_packed_file(self):
+    twin, model = _attention_twins()
+    tf_keras_plan = opq_tf.allocate(twin, pruning_rate=0.6, bits=4)
+    self.assertEqual(opq_tf.allocate(model, pruning_rate=0.6, bits=4).to_json(),
+                     tf_keras_plan.to_json())
+    self.assertEqual(
+        {k.key: (k.kind, k.channel_axes) for k in tf_keras_plan.kernels},
+        {"mha/_query_dense/kernel": ("EinsumDense", (-2, -1)),
+         "mha/_key_dense/kernel": ("EinsumDense", (-2, -1)),
+         "mha/_value_dense/kernel": ("EinsumDense", (-2, -1)),
+         "mha/_output_dense/kernel": ("EinsumDense", (-1,)),
+         "projection/kernel": ("EinsumDense", (-1,)),
+         "head/kernel": ("Dense", (-1,))})
+    tf_keras_q = opq_tf.apply(twin, tf_keras_plan)
+    keras3_q = opq_tf.apply(model, tf_keras_plan)
+    expected = tf_keras_wrapping.compressed_kernels(tf_keras_q)
+    got = keras3_wrapping.compressed_kernels(keras3_q)
+    self.assertEqual([(k.key, k.layer_name, k.weight, k.kind) for k in got],
+                     [(k.key, k.layer_name, k.weight, k.kind)
+                      for k in expected])
+    for mine, theirs in zip(got, expected):
+      np.testing.assert_array_equal(mine.codes, theirs.codes, mine.key)
+      np.testing.assert_array_equal(mine.step, theirs.step, mine.key)
+    sequences = keras3_models.sequences(4)
+    np.testing.assert_allclose(keras3_q.predict(sequences, verbose=0),
+                               tf_keras_q.predict(sequences, verbose=0),
+                               atol=1e-5)
+    with tempfile.TemporaryDirectory() as directory:
+      tf_keras_bytes, tf_keras_report = _packed_bytes(
+          tf_keras_q, os.path.join(directory, "a"), tf_keras_plan)
+      keras3_bytes, keras3_report = _packed_bytes(
+          keras3_q, os.path.join(directory, "b"), tf_keras_plan)
+    self.assertEqual(keras3_bytes, tf_keras_bytes)
+    del keras3_report["files"], tf_keras_report["files"]
+    self.assertEqual(keras3_report, tf_keras_report)
 
   def test_calibration_agrees(self):
     """BatchNorm statistics within 1e-4 (relative), >= 98% of the codes equal

@@ -63,6 +63,42 @@ class LayersTest(absltest.TestCase):
          "separable/pointwise_kernel": (-1,), "conv1d/kernel": (-1,),
          "dense/kernel": (-1,)})
 
+  def test_fp32_kernels_name_what_is_left_and_why(self):
+    self.assertEqual(layers.fp32_kernels(_model_with_every_kind()), {
+        "transpose/kernel": "Conv2DTranspose is not a compressed kind "
+                            "(register it with opq_tf.register_layer)"})
+
+  def test_attention_and_custom_block_sublayer_kernels(self):
+    inputs = keras.Input((3, 4))
+    x = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs, inputs)
+    x = keras.layers.EinsumDense("abc,cd->abd", (None, 5), name="proj")(x)
+    model = keras.Model(inputs, TwoDense(name="two")(x))
+    kernels = layers.compressible_kernels(model)
+    self.assertEqual(
+        {key: (kernel.kind, kernel.values.shape, kernel.channel_axes)
+         for key, kernel in kernels.items()},
+        {"mha/_query_dense/kernel": ("EinsumDense", (4, 2, 3), (-2, -1)),
+         "mha/_key_dense/kernel": ("EinsumDense", (4, 2, 3), (-2, -1)),
+         "mha/_value_dense/kernel": ("EinsumDense", (4, 2, 3), (-2, -1)),
+         "mha/_output_dense/kernel": ("EinsumDense", (2, 3, 4), (-1,)),
+         "proj/kernel": ("EinsumDense", (4, 5), (-1,)),
+         "two/first/kernel": ("Dense", (5, 4), (-1,)),
+         "two/second/kernel": ("Dense", (5, 4), (-1,))})
+    mha = model.get_layer("mha")
+    self.assertIs(layers.owner_of(mha, "_key_dense/kernel")[0],
+                  mha._key_dense)  # pylint: disable=protected-access
+    self.assertEqual(layers.rule(mha, "_key_dense/kernel").litert,
+                     "fully_connected")
+    # Every key is the weight's one name.
+    for key in kernels:
+      name, _, path = key.partition("/")
+      layer = model.get_layer(name)
+      self.assertEqual(
+          layers.weight_key(layer, getattr(*layers.owner_of(layer, path))),
+          key)
+    with self.assertRaisesRegex(ValueError, "no sublayer at '_nope/kernel'"):
+      layers.owner_of(mha, "_nope/kernel")
+
   def test_exact_class_match(self):
     self.assertIsNone(layers.weight_attrs(keras.layers.Conv2DTranspose(2, 3)))
     self.assertIsNone(layers.weight_attrs(keras.layers.BatchNormalization()))

@@ -332,5 +332,51 @@ class CopiedModelTest(parameterized.TestCase):
       np.testing.assert_array_equal(got.step, want.step)
 
 
+class AttentionTest(absltest.TestCase):
+  """A MultiHeadAttention is wrapped once for its four EinsumDense kernels."""
+
+  def test_wrapped_copies_and_original_untouched(self):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 6))
+    x = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs, inputs)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    original = [w.numpy() for w in model.weights]
+    qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=4)
+    wrapper = qmodel.get_layer("quant_mha")
+    self.assertEqual(wrapper.quantize_config.weight_attrs, (
+        "_query_dense/kernel", "_key_dense/kernel", "_value_dense/kernel",
+        "_output_dense/kernel"))
+    mask_names = [v.name for v in wrapper.non_trainable_weights
+                  if "_mask" in v.name]
+    self.assertLen(set(mask_names), 4)
+    self.assertIn("quant_mha/_query_dense_kernel_mask:0", mask_names)
+    # The model's own layers still hold their kernel variables, unchanged.
+    for weight, value in zip(model.weights, original):
+      np.testing.assert_array_equal(weight.numpy(), value)
+    self.assertIsInstance(model.get_layer("mha")._query_dense.kernel,  # pylint: disable=protected-access
+                          tf.Variable)
+    sequences = np.random.RandomState(0).normal(size=(5, 4, 6)).astype(
+        np.float32)
+    expected = qmodel(sequences).numpy()
+    with tfmot.quantization.keras.quantize_scope():
+      clone = keras.models.clone_model(qmodel)
+      clone.set_weights(qmodel.get_weights())
+      path = os.path.join(tempfile.mkdtemp(), "q.h5")
+      qmodel.save(path)
+      reloaded = keras.models.load_model(path)
+    for copy in (clone, reloaded):
+      np.testing.assert_array_equal(copy(sequences).numpy(), expected)
+      for got, want in zip(wrapping.compressed_kernels(copy),
+                           wrapping.compressed_kernels(qmodel)):
+        self.assertEqual((got.key, got.kind), (want.key, "EinsumDense")
+                         if want.key.startswith("mha/") else
+                         (want.key, "Dense"))
+        np.testing.assert_array_equal(got.mask, want.mask)
+    kernel = wrapping.compressed_kernels(qmodel)[0]
+    self.assertEqual((kernel.layer_name, kernel.weight),
+                     ("mha/_query_dense", "kernel"))
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from opq_tf.core import einsum
 from opq_tf.core import grid
 from opq_tf.core import reconstruction
 from opq_tf.core.contract import CompressedKernel
@@ -503,8 +504,10 @@ def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
       # A layer called more than once (shared) averages over all its calls.
       for layer, mean, variance, weight in records:
         total = totals.setdefault(id(layer), [layer, 0.0, 0.0, 0.0])
-        total[1] = total[1] + weight * np.asarray(mean, np.float64)
-        total[2] = total[2] + weight * np.asarray(variance, np.float64)
+        mean, variance = (np.asarray(ops.convert_to_numpy(value), np.float64)
+                          for value in (mean, variance))
+        total[1] = total[1] + weight * mean
+        total[2] = total[2] + weight * variance
         total[3] += weight
   for layer, mean_sum, var_sum, weight in totals.values():
     layer.moving_mean.assign((mean_sum / weight).astype(np.float32))
@@ -638,18 +641,13 @@ def _layout(kernel: _Kernel, kernels: list[_Kernel]):
 def _einsum_layout(equation: str, shape):
   """An EinsumDense that contracts its input's last dimensions with the
   kernel's first ones is a Dense over those: X = input flattened to D."""
-  unsupported = lambda reason: (None, None, None, None, reason)
-  operands, output = equation.replace(" ", "").split("->")
-  source, weights = operands.split(",")
-  contracted = "".join(c for c in weights if c not in output)
-  kept = "".join(c for c in weights if c in output)
-  if (not contracted or weights != contracted + kept
-      or not source.endswith(contracted)
-      or any(c in weights for c in source[:-len(contracted)])):
-    return unsupported(f"EinsumDense {equation!r} does not contract its "
-                       "input's last dimensions with the kernel's first ones")
-  width = int(np.prod(shape[:len(contracted)]))
-  outputs = int(np.prod(shape[len(contracted):]))
+  contracted = einsum.contracted_dims(equation)
+  if contracted is None:
+    return (None, None, None, None,
+            f"EinsumDense {equation!r} does not contract its input's last "
+            "dimensions with the kernel's first ones")
+  width = int(np.prod(shape[:contracted]))
+  outputs = int(np.prod(shape[contracted:]))
   columns = lambda x: ops.reshape(x, (-1, width, 1))
   return (columns, columns,
           lambda a: a.reshape(width, outputs).T[None],

@@ -35,6 +35,7 @@ from opq_tf.keras3 import quantize_configs
 from opq_tf.keras3._keras import keras
 
 _KERAS_CONTAINERS = ("_layers",)  # Keras' own list of every tracked sublayer
+_TORCH_MODULES = "_modules"  # torch.nn.Module's registry of submodules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +91,10 @@ def children(layer: keras.layers.Layer) -> list[tuple[str, keras.layers.Layer]]:
   if isinstance(layer, keras.Model):
     return [(child.name, child) for child in direct]
   attrs: dict[int, str] = {}
-  for name, value in vars(layer).items():
+  for name, value in _attributes(layer):
     if isinstance(value, keras.layers.Layer):
       attrs.setdefault(id(value), name)
-  for name, value in vars(layer).items():
+  for name, value in _attributes(layer):
     if name in _KERAS_CONTAINERS:
       continue
     if isinstance(value, (list, tuple)):
@@ -106,6 +107,21 @@ def children(layer: keras.layers.Layer) -> list[tuple[str, keras.layers.Layer]]:
       if isinstance(item, keras.layers.Layer):
         attrs.setdefault(id(item), f"{name}/{index}")
   return [(attrs.get(id(child), child.name), child) for child in direct]
+
+
+def _attributes(layer: keras.layers.Layer) -> Iterator[tuple[str, Any]]:
+  """(name, value) of the layer's instance attributes.
+
+  On the PyTorch backend a Keras layer is a `torch.nn.Module`, whose
+  `__setattr__` keeps sublayers in its `_modules` dict, keyed by attribute
+  name, instead of the instance's `__dict__`: they are yielded under their
+  attribute names, so keys are the same on every backend.
+  """
+  for name, value in vars(layer).items():
+    if name == _TORCH_MODULES and isinstance(value, dict):
+      yield from value.items()
+    else:
+      yield name, value
 
 
 def sublayer(layer: keras.layers.Layer, path: str) -> keras.layers.Layer:

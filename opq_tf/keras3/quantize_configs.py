@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Mapping, Sequence, Union
 
+from opq_tf.core import einsum
 from opq_tf.core import grid
 from opq_tf.keras3._keras import keras
 
@@ -159,27 +160,14 @@ class OPQLayerConfig:
 
 
 class EinsumDenseConfig(OPQLayerConfig):
-  """EinsumDense: the kernel's channel axes are read off the equation."""
+  """EinsumDense: the kernel's channel axes are read off the equation
+  (`opq_tf.core.einsum.channel_axes`)."""
 
   def __init__(self):
     super().__init__({"kernel": grid.OUTPUT_CHANNEL})
 
   def weight_attrs(self, layer) -> dict[str, tuple[int, ...]]:
-    return {"kernel": einsum_channel_axes(layer.equation)}
-
-
-def einsum_channel_axes(equation: str) -> tuple[int, ...]:
-  """The kernel's output dimensions as trailing negative axes, or ().
-
-  "abc,cde->abde" -> (-2, -1); "abcd,cde->abe" -> (-1,); "ab,cb->ac" -> ()
-  (its output dim c leads the kernel, so no step broadcasts over it).
-  """
-  operands, output = equation.replace(" ", "").split("->")
-  kernel = operands.split(",")[1]
-  positions = [index - len(kernel) for index, letter in enumerate(kernel)
-               if letter in output]
-  axes = tuple(positions)
-  return axes if axes == tuple(range(-len(axes), 0)) else ()
+    return {"kernel": einsum.channel_axes(layer.equation)}
 
 
 def _check_axes(attr: str, axes: Sequence[int]) -> tuple[int, ...]:

@@ -16,10 +16,22 @@ everywhere or refused with a message that names what is missing.
 | DepthwiseConv2D        | `depthwise_kernel`  | (-2, -1)     | depthwise      | DEPTHWISE_CONV_2D |
 | SeparableConv2D        | `depthwise_kernel`  | (-2, -1)     | depthwise      | DEPTHWISE_CONV_2D |
 |                        | `pointwise_kernel`  | (-1,)        | pointwise      | CONV_2D           |
+| EinsumDense            | `kernel`            | its equation | (none)         | FULLY_CONNECTED   |
+
+An EinsumDense kernel's channel axes are its dimensions that survive into the
+output (`opq_tf.core.einsum.channel_axes`, as in the Keras 3 frontend):
+"abc,cde->abde" (MultiHeadAttention's query projection) gives (-2, -1).
+
+Kernels are also found in the sublayers of a layer (a MultiHeadAttention's
+four EinsumDense projections, a custom block's Dense layers), keyed by the
+attribute path that holds them ("mha/_query_dense/kernel", the key
+`weight_key` and the Keras 3 frontend give them); `apply` wraps the layer of
+the graph once for all of them.
 
 Matching is by exact class: a Conv2DTranspose (a Conv2D subclass) or a user's
 Dense subclass is *not* compressed unless registered with
-`opq_tf.register_layer`. Biases, BatchNorm and every other weight stay FP32.
+`opq_tf.register_layer`. Biases, BatchNorm and every other weight stay FP32;
+`fp32_kernels` lists the kernel-like weights left so, and why.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from typing import Optional
 import numpy as np
 
 from opq_tf.tf_keras._keras import keras, tf
+from opq_tf.core import einsum
 from opq_tf.core.contract import Kernel
 from opq_tf.core.grid import DEPTHWISE_CHANNELS, OUTPUT_CHANNEL
 
@@ -50,9 +63,11 @@ class WeightRule:
     output), or None: the kernel keeps plain rounding, and the report says so.
   litert: the LiteRT op whose filter holds the codes, or None: LiteRT export
     refuses the model, naming the kind.
+  channel_axes: None means "read off the layer's einsum equation"
+    (EinsumDense); use `layers.channel_axes(layer, attr)`.
   """
 
-  channel_axes: tuple[int, ...]
+  channel_axes: Optional[tuple[int, ...]]
   reconstruction: Optional[str]
   litert: Optional[str]
   weight_decay: bool = True
@@ -62,6 +77,7 @@ _DENSE = WeightRule(OUTPUT_CHANNEL, "dense", "fully_connected")
 _CONV = WeightRule(OUTPUT_CHANNEL, "conv", "conv_2d")
 _DEPTHWISE = WeightRule(DEPTHWISE_CHANNELS, "depthwise", "depthwise_conv_2d")
 _POINTWISE = WeightRule(OUTPUT_CHANNEL, "pointwise", "conv_2d")
+_EINSUM = WeightRule(None, None, "fully_connected")
 
 # layer class -> {compressed weight attribute: its rule}, in order.
 KERNELS: dict[type, dict[str, WeightRule]] = {
@@ -71,6 +87,7 @@ KERNELS: dict[type, dict[str, WeightRule]] = {
     keras.layers.DepthwiseConv2D: {"depthwise_kernel": _DEPTHWISE},
     keras.layers.SeparableConv2D: {"depthwise_kernel": _DEPTHWISE,
                                    "pointwise_kernel": _POINTWISE},
+    keras.layers.EinsumDense: {"kernel": _EINSUM},
 }
 
 
@@ -81,19 +98,50 @@ def weight_attrs(layer: keras.layers.Layer) -> Optional[tuple[str, ...]]:
 
 
 def rule(layer_or_kind, attr: str) -> WeightRule:
-  """The rule of weight `attr` of a compressible layer (or its class name)."""
+  """The rule of weight `attr` of a compressible layer (or its class name).
+
+  `attr` may be a path to a sublayer's weight ("_query_dense/kernel"): the
+  rule is then the sublayer's.
+  """
   if isinstance(layer_or_kind, str):
     for cls, table in KERNELS.items():
       if cls.__name__ == layer_or_kind and attr in table:
         return table[attr]
     raise KeyError(f"No compressed layer kind {layer_or_kind!r} with weight "
                    f"{attr!r} in the layer table.")
-  return KERNELS[type(layer_or_kind)][attr]
+  owner, name = owner_of(layer_or_kind, attr)
+  return KERNELS[type(owner)][name]
 
 
 def channel_axes(layer: keras.layers.Layer, attr: str) -> tuple[int, ...]:
-  """The channel axes of weight `attr` of a compressible `layer`."""
-  return rule(layer, attr).channel_axes
+  """The channel axes of weight `attr` (or path) of a compressible `layer`."""
+  owner, name = owner_of(layer, attr)
+  axes = KERNELS[type(owner)][name].channel_axes
+  return einsum.channel_axes(owner.equation) if axes is None else axes
+
+
+def owner_of(layer: keras.layers.Layer, path: str
+             ) -> tuple[keras.layers.Layer, str]:
+  """(the layer that holds the weight, its attribute) for an attribute path.
+
+  "kernel" -> (layer, "kernel"); "_query_dense/kernel" ->
+  (layer._query_dense, "kernel"); a list attribute's item is its index
+  ("blocks/0/kernel").
+
+  Raises:
+    ValueError: the path names no sublayer of `layer`.
+  """
+  *parts, name = path.split("/")
+  owner = layer
+  for part in parts:
+    try:
+      owner = (owner[int(part)] if isinstance(owner, (list, tuple))
+               else getattr(owner, part))
+    except (AttributeError, IndexError, ValueError):
+      raise ValueError(
+          f"Layer {layer.name!r} ({type(layer).__name__}) has no sublayer at "
+          f"{path!r}; the plan was made for another model.") from None
+  return owner, name
 
 
 def decayed_weights(model: keras.Model) -> list[tf.Variable]:
@@ -164,22 +212,85 @@ def weight_key(layer: keras.layers.Layer, variable) -> str:
   return key
 
 
+def kernel_owners(layer: keras.layers.Layer
+                  ) -> list[tuple[str, keras.layers.Layer]]:
+  """(attribute path, layer) of every table-kind layer in `layer`, in order.
+
+  ("", layer) if `layer` is a table kind itself; else its sublayers of a
+  table kind, found through the attributes that hold them (as `weight_key`
+  walks them) and not entered further: a MultiHeadAttention gives
+  ("_query_dense", <EinsumDense>), ... ("_output_dense", <EinsumDense>).
+  """
+  if type(layer) in KERNELS:
+    return [("", layer)]
+  owners, seen = [], {id(layer)}
+
+  def walk(trackable, path: str) -> None:
+    for name, child in trackable._trackable_children().items():  # pylint: disable=protected-access
+      if (id(child) in seen or isinstance(child, (tf.Variable, keras.Model))):
+        continue
+      seen.add(id(child))
+      if isinstance(child, keras.layers.Layer) and type(child) in KERNELS:
+        owners.append((path + name, child))
+      else:
+        walk(child, f"{path}{name}/")
+
+  walk(layer, "")
+  return owners
+
+
+def kernel_attrs(layer: keras.layers.Layer) -> list[str]:
+  """The attribute paths of `layer`'s compressible kernels, its sublayers'
+  included: ["kernel"], or ["_query_dense/kernel", ...] for an attention."""
+  return [f"{path}/{attr}" if path else attr
+          for path, owner in kernel_owners(layer)
+          for attr in KERNELS[type(owner)]]
+
+
 def compressible_kernels(model: keras.Model) -> dict[str, Kernel]:
-  """Maps `"<layer name>/<weight>"` -> `Kernel` for every compressed weight.
+  """Maps `"<layer name>/<weight path>"` -> `Kernel` for every compressed weight.
 
   Args:
     model: a built tf_keras model; nested models are searched too (their layer
-      names are used as they are, without a prefix).
+      names are used as they are, without a prefix), and so are the sublayers
+      of its layers ("mha/_query_dense/kernel").
 
   Returns:
     One item per compressed weight, in model order.
   """
   kernels = {}
   for layer in iter_layers(model):
-    for attr, weight_rule in KERNELS.get(type(layer), {}).items():
-      kernel = getattr(layer, attr)
+    for attr in kernel_attrs(layer):
+      owner, name = owner_of(layer, attr)
+      kernel = getattr(owner, name, None)
+      if not isinstance(kernel, tf.Variable):
+        raise ValueError(
+            f"{type(owner).__name__} {layer.name}/{attr} is not built (no "
+            "weight variable yet); call the model on a batch first.")
       kernels[f"{layer.name}/{attr}"] = Kernel(
-          type(layer).__name__,
-          np.asarray(kernel.numpy(), dtype=np.float32),
-          weight_rule.channel_axes)
+          type(owner).__name__, np.asarray(kernel.numpy(), dtype=np.float32),
+          channel_axes(layer, attr))
   return kernels
+
+
+def fp32_kernels(model: keras.Model) -> dict[str, str]:
+  """Kernel-like weights OPQ leaves FP32 -> why, for reports.
+
+  Every weight named as a kernel (`DECAYED_WEIGHTS`) of a layer, or
+  sublayer, whose class is not in the layer table, e.g.
+  {"up/kernel": "Conv2DTranspose is not a compressed kind (register it with
+  opq_tf.register_layer)"}; biases and normalisation weights are not listed.
+  """
+  compressed = {id(getattr(*owner_of(layer, attr)))
+                for layer in iter_layers(model) for attr in kernel_attrs(layer)}
+  reasons = {}
+  for layer in iter_layers(model):
+    for variable in layer.weights:
+      key = weight_key(layer, variable)
+      if (id(variable) in compressed
+          or key.rsplit("/", 1)[-1] not in DECAYED_WEIGHTS):
+        continue
+      owner, _ = owner_of(layer, key.partition("/")[2])
+      reasons[key] = (f"{type(owner).__name__} is not a compressed kind "
+                      "(register it with opq_tf.register_layer)")
+  return reasons

@@ -61,7 +61,8 @@ def packed_kernels(kernels, stripped: keras.Model, names_by_id: dict):
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(stripped)}
   packed = []
   for kernel in kernels:
-    variable = getattr(by_name[kernel.layer_name], kernel.weight)
+    name, _, attr = kernel.key.partition("/")
+    variable = getattr(*layers_lib.owner_of(by_name[name], attr))
     packed_kernel = packing.PackedKernel(
         name=names_by_id[id(variable)], bits=kernel.bits, step=kernel.step,
         mask=kernel.mask, codes=kernel.codes)

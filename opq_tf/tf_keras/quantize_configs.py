@@ -11,6 +11,7 @@ user's layer class to it.
 """
 
 import dataclasses
+import inspect
 from typing import Mapping, Optional, Sequence, Union
 
 from opq_tf.core import grid
@@ -135,8 +136,13 @@ class OPQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
   def weight_attrs(self) -> tuple[str, ...]:
     return tuple(self.weight_quantizers)
 
+  @property
+  def nested(self) -> bool:
+    """True if a compressed weight is a sublayer's ("_query_dense/kernel")."""
+    return any("/" in attr for attr in self.weight_quantizers)
+
   def get_weights_and_quantizers(self, layer):
-    return [(getattr(layer, attr), quantizer)
+    return [(getattr(*layers_lib.owner_of(layer, attr)), quantizer)
             for attr, quantizer in self.weight_quantizers.items()]
 
   def set_quantize_weights(self, layer, quantize_weights):
@@ -146,7 +152,7 @@ class OPQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
           f"attributes {self.weight_attrs}."
       )
     for attr, weight in zip(self.weight_quantizers, quantize_weights):
-      setattr(layer, attr, weight)
+      setattr(*layers_lib.owner_of(layer, attr), weight)
 
   def get_activations_and_quantizers(self, layer):
     return []
@@ -183,3 +189,47 @@ class OPQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
   def __ne__(self, other):
     return not self.__eq__(other)
+
+
+@keras.utils.register_keras_serializable(package="opq_tf")
+class OPQQuantizeWrapper(tfmot.quantization.keras.QuantizeWrapperV2):
+  """tfmot's `QuantizeWrapperV2` for every layer OPQ compresses.
+
+  tfmot's wrapper assumes a layer with one input whose own attributes hold
+  its kernels. This one also wraps a layer called with several inputs whose
+  kernels are its sublayers' (a MultiHeadAttention, called as `mha(query,
+  value)`, and its four EinsumDense projections): the inputs after the first
+  reach the layer's `call` under their parameter names, the quantized
+  kernels are set on the sublayers that hold them, and each kernel's mask and
+  step variables are named after its attribute path ("_query_dense_kernel_
+  mask"), not after the variable's last name ("kernel", four times).
+  """
+
+  def __call__(self, *args, **kwargs):
+    if not self.built and not self._kernels_built():
+      # A layer rebuilt from its config (a clone, a reloaded .h5) creates its
+      # sublayers' kernels on its first call, which the wrapper's build needs.
+      self.layer(*args, **kwargs)
+    return super().__call__(*args, **kwargs)
+
+  def _kernels_built(self) -> bool:
+    try:
+      self.quantize_config.get_weights_and_quantizers(self.layer)
+    except AttributeError:
+      return False
+    return True
+
+  def _weight_name(self, name):
+    for attr, (weight, _) in zip(
+        self.quantize_config.weight_attrs,
+        self.quantize_config.get_weights_and_quantizers(self.layer)):
+      if weight.name == name:
+        return attr.replace("/", "_")
+    return super()._weight_name(name)
+
+  def call(self, inputs, *args, training=None, **kwargs):
+    if args:
+      names = [parameter for parameter in
+               inspect.signature(self.layer.call).parameters][1:]
+      kwargs.update(zip(names, args))
+    return super().call(inputs, training=training, **kwargs)

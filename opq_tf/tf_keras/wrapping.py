@@ -1,15 +1,19 @@
 """`apply`: wrap a pre-trained model for OPQ finetuning; `strip`: undo it.
 
     plan = opq_tf.allocate(model, pruning_rate=0.9, bits=4)
-    qmodel = opq_tf.apply(model, plan)      # tfmot QuantizeWrapperV2 per layer
+    qmodel = opq_tf.apply(model, plan)      # an OPQQuantizeWrapper per layer
     qmodel.compile(...); qmodel.fit(...)    # masks and steps stay fixed
     plain = opq_tf.strip(qmodel)            # plain tf_keras, kernels compressed
 
-Each planned layer is wrapped by tfmot's `quantize_apply` with an
+Each planned layer of a copy of the model is wrapped in an
+`OPQQuantizeWrapper` (tfmot's `QuantizeWrapperV2`, which also takes
+several inputs and sublayers' kernels, as a MultiHeadAttention's) with an
 `OPQQuantizeConfig` (one `OPQWeightQuantizer` per compressed kernel); every
-other layer is left as it is. After wrapping, each quantizer's `mask` variable
-is set to `|w| >= threshold` on the pre-trained weights and its `step` to the
-plan's step; both are non-trainable and never recomputed.
+other layer is left as it is. This is what tfmot's `quantize_apply` does with
+a scheme that adds nothing to the plan, without its one-input annotation
+wrapper. After wrapping, each quantizer's `mask` variable is set to
+`|w| >= threshold` on the pre-trained weights and its `step` to the plan's
+step; both are non-trainable and never recomputed.
 """
 
 from typing import Optional
@@ -23,8 +27,8 @@ from opq_tf.core import grid
 from opq_tf.tf_keras import layers as layers_lib
 from opq_tf.tf_keras._keras import keras, tf, tfmot
 from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig
+from opq_tf.tf_keras.quantize_configs import OPQQuantizeWrapper
 from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
-from opq_tf.tf_keras.scheme import OPQQuantizeScheme
 
 _tfmot_keras = tfmot.quantization.keras
 
@@ -51,12 +55,25 @@ def _check_model(model) -> None:
     )
 
 
+def _split(key: str) -> tuple[str, str]:
+  """"mha/_query_dense/kernel" -> ("mha", "_query_dense/kernel"): the layer of
+  the graph and the kernel's attribute path in it."""
+  name, _, attr = key.partition("/")
+  return name, attr
+
+
 def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
   """Layer name -> OPQQuantizeConfig for every layer named in `plan`."""
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(model)}
 
   def matches(planned) -> bool:
-    weight = getattr(by_name.get(planned.name), planned.weight, None)
+    name, attr = _split(planned.key)
+    if name not in by_name:
+      return False
+    try:
+      weight = getattr(*layers_lib.owner_of(by_name[name], attr), None)
+    except ValueError:
+      return False
     return (isinstance(weight, tf.Variable)
             and tuple(weight.shape) == tuple(planned.shape))
 
@@ -69,7 +86,8 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
         "opq_tf.allocate on this model.")
   quantizers = {}
   for planned in plan.kernels:
-    quantizers.setdefault(planned.name, {})[planned.weight] = OPQWeightQuantizer(
+    name, attr = _split(planned.key)
+    quantizers.setdefault(name, {})[attr] = OPQWeightQuantizer(
         planned.bits, planned.step, planned.threshold, planned.channel_axes)
   return {name: OPQQuantizeConfig(by_weight, quantize_activations)
           for name, by_weight in quantizers.items()}
@@ -102,10 +120,11 @@ def apply(
       step_granularity, step_stats, overrides).
 
   Returns:
-    A Functional model of tfmot `QuantizeWrapperV2`s (planned layers) and the
-    original layers (the rest). Every mask and step is a variable of its
-    wrapper, so a clone (with its weights copied), a checkpoint or a saved
-    model keeps them; pass the plan to `export` to record it.
+    A Functional model of `OPQQuantizeWrapper`s (tfmot `QuantizeWrapperV2`s,
+    for the planned layers) and copies of the other layers. Every mask and
+    step is a variable of its wrapper, so a clone (with its weights copied),
+    a checkpoint or a saved model keeps them; pass the plan to `export` to
+    record it.
   """
   _check_model(model)
   if plan is None:
@@ -124,17 +143,17 @@ def apply(
                      "the plan's overrides and that the model has kernels.")
   configs = _configs_for(model, plan, quantize_activations)
 
-  def annotate(layer):
+  def wrap(layer):
     if layer.name in configs:
-      return _tfmot_keras.quantize_annotate_layer(layer, configs[layer.name])
+      return OPQQuantizeWrapper(layer, configs[layer.name])
     return layer
 
-  planned_classes = {type(layer).__name__: type(layer)
-                     for layer in layers_lib.iter_layers(model)
-                     if layer.name in configs}
-  with _tfmot_keras.quantize_scope(planned_classes):
-    annotated = flatten_lib.flatten(model, replace=annotate)
-    qmodel = _tfmot_keras.quantize_apply(annotated, scheme=OPQQuantizeScheme())
+  flat = flatten_lib.flatten(model)
+  # Wrapping sets the quantized kernels on the layers it wraps: wrap the
+  # layers of a copy (built, with the model's weights), never the model's.
+  copy = keras.models.clone_model(flat)
+  copy.set_weights(flat.get_weights())
+  qmodel = keras.models.clone_model(copy, clone_function=wrap)
 
   plan_by_key = plan.by_key()
   for wrapper, attr, weight, _, variables in _opq_weights(qmodel):
@@ -171,9 +190,9 @@ def compressed_kernels(model: keras.Model) -> list[CompressedKernel]:
   kernels = [
       CompressedKernel(
           key=f"{wrapper.layer.name}/{attr}",
-          layer_name=wrapper.layer.name,
-          weight=attr,
-          kind=type(wrapper.layer).__name__,
+          layer_name=f"{wrapper.layer.name}/{attr}".rpartition("/")[0],
+          weight=attr.rpartition("/")[2],
+          kind=type(layers_lib.owner_of(wrapper.layer, attr)[0]).__name__,
           kernel=np.asarray(weight.numpy(), np.float32),
           mask=variables["mask"].numpy() > 0,
           step=np.asarray(variables["step"].numpy(), np.float32),
