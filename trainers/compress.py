@@ -16,18 +16,24 @@ Every input is checked before anything runs; a bad one exits with status 2
 and a message on stderr, leaving the workdir untouched.
 """
 
-from absl import app
+from absl import flags
 
-from opq_tf.training import compression
 from opq_tf.training import data
+from opq_tf.training import distribute
+from opq_tf.training import report
+from opq_tf.training import training
 from trainers import common
+
+flags.adopt_module_key_flags(common)  # --help lists them
 
 
 def main(argv):
   config, workdir, strategy = common.start(argv, "compress", phase="compress")
   data_dir = data.prepare_data(config, workdir, strategy)
-  compression.compress_and_finetune(config, workdir, strategy, data_dir)
+  final = training.compress_and_finetune(config, workdir, strategy, data_dir)
+  if distribute.is_chief(strategy):
+    common.print_summary("compress", report.artefacts(final, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

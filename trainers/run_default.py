@@ -15,16 +15,22 @@ OPQ on ImageNet; a pretrained skips the FP32 training). Every input is checked
 before anything runs; a bad one exits with status 2 and a message on stderr.
 """
 
-from absl import app
+from absl import flags
 
+from opq_tf.training import distribute
+from opq_tf.training import report
 from opq_tf.training import training
 from trainers import common
+
+flags.adopt_module_key_flags(common)  # --help lists them
 
 
 def main(argv):
   config, workdir, strategy = common.start(argv, "run_default", phase="all")
-  training.train_and_evaluate(config, workdir, strategy)
+  final = training.train_and_evaluate(config, workdir, strategy)
+  if distribute.is_chief(strategy):
+    common.print_summary("run_default", report.artefacts(final, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

@@ -13,11 +13,17 @@ Every input is checked before training starts; a bad one exits with status 2
 and a message on stderr, leaving the workdir untouched.
 """
 
-from absl import app
+import os
+
+from absl import flags
 
 from opq_tf.training import data
+from opq_tf.training import distribute
+from opq_tf.training import layout
 from opq_tf.training import training
 from trainers import common
+
+flags.adopt_module_key_flags(common)  # --help lists them
 
 
 def main(argv):
@@ -25,7 +31,12 @@ def main(argv):
   data_dir = data.prepare_data(config, workdir, strategy)
   metrics = training.train_fp32(config, workdir, strategy, data_dir)
   print(f"FP32 {config.model}: {metrics['accuracy']}")
+  if distribute.is_chief(strategy):
+    common.print_summary("train", {
+        "fp32 weights": os.path.join(workdir, layout.FP32_WEIGHTS),
+        "fp32 metrics": os.path.join(workdir, layout.FP32_METRICS),
+        "checkpoints": layout.checkpoint_dir(workdir, "fp32")})
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=common.parse_flags)
+  common.run(main)

@@ -98,7 +98,10 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
 
   Used where one worker's write must be visible to all before they read it
   (prepared data, FP32 weights) or where all must read before one writes.
+  A strategy with its own `barrier` (keras3_distribute.JaxDataParallel) uses it.
   """
-  if num_workers(strategy) > 1:
+  if hasattr(strategy, "barrier"):
+    strategy.barrier()
+  elif num_workers(strategy) > 1:
     strategy.reduce(tf.distribute.ReduceOp.SUM,
                     strategy.run(lambda: tf.constant(1.0)), axis=None)

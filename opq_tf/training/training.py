@@ -19,6 +19,9 @@ opq_tf.training:
     report        the final report and its printed lines
     checks        every check of the input, before any of this runs
 
+Keras 3 models (config.frontend = "keras3", on TensorFlow or JAX) take the
+same job in opq_tf.training.keras3_training, which both functions hand them to.
+
 Multi-worker: only the chief writes to the workdir; other workers write their
 (collective) checkpoints, weights and export to temporary directories that
 they delete (under MultiWorkerMirroredStrategy reading BatchNorm's sync-on-read
@@ -47,6 +50,16 @@ from opq_tf.training import models
 from opq_tf.training import pretrained
 
 
+def _is_keras3(config: ml_collections.ConfigDict) -> bool:
+  return config.get("frontend", "tf_keras") == "keras3"
+
+
+def _keras3_training():
+  """keras3_training, imported on first use: a tf_keras run needs no Keras 3."""
+  from opq_tf.training import keras3_training  # pylint: disable=g-import-not-at-top
+  return keras3_training
+
+
 def train_fp32(config: ml_collections.ConfigDict, workdir: str,
                strategy: tf.distribute.Strategy, data_dir: str
                ) -> dict[str, Any]:
@@ -65,6 +78,8 @@ def train_fp32(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     {"accuracy": loop.evaluate(...), "training": loop.fit(...) figures}.
   """
+  if _is_keras3(config):
+    return _keras3_training().train_fp32(config, workdir, strategy, data_dir)
   weights_path = os.path.join(workdir, layout.FP32_WEIGHTS)
   metrics_path = os.path.join(workdir, layout.FP32_METRICS)
   if os.path.exists(weights_path) and os.path.exists(metrics_path):
@@ -95,6 +110,16 @@ def train_fp32(config: ml_collections.ConfigDict, workdir: str,
   return metrics
 
 
+def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
+                          strategy: tf.distribute.Strategy, data_dir: str
+                          ) -> dict[str, Any]:
+  """compression.compress_and_finetune, or keras3_training's for keras3."""
+  if _is_keras3(config):
+    return _keras3_training().compress_and_finetune(config, workdir, strategy,
+                                                    data_dir)
+  return compression.compress_and_finetune(config, workdir, strategy, data_dir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        strategy: tf.distribute.Strategy) -> dict[str, Any]:
   """The whole job: data -> FP32 training (if `starting_point` says) -> OPQ.
@@ -104,6 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The final report of compress_and_finetune, plus "wall_seconds".
   """
+  if _is_keras3(config):
+    return _keras3_training().train_and_evaluate(config, workdir, strategy)
   started = time.time()
   os.makedirs(workdir, exist_ok=True)
   data_dir = data.prepare_data(config, workdir, strategy)
