@@ -21,6 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
   """The embedded default config."""
   config = ml_collections.ConfigDict()
 
+  # Which Keras the model is: "tf_keras" (Keras 2, tfmot wrappers) or "keras3"
+  # (Keras 3, opq_tf.keras3; trains on TensorFlow or JAX). tf_keras stays the
+  # default: its job has the JPEG-serving SavedModel and the LiteRT export.
+  config.frontend = "tf_keras"
+  # keras3 only: "tensorflow" | "jax"; "" = KERAS_BACKEND, else tensorflow.
+  # Keras fixes it at import: pass it on the command line or in KERAS_BACKEND.
+  config.backend = ""
+
   # Model and data. Images are RGB in [0, 255]; models normalise themselves.
   # resnet50 | mobilenet_v1 | alexnet | small_resnet, or a user's model:
   # "applications.<Constructor>" (tf_keras.applications) or "saved:<path>".
@@ -88,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
   # with float activations, or int8 ones calibrated on training images.
   config.litert = False
   config.litert_int8_activations = False
+  # Its stored weights: "int8", "int4" (B <= 4 kernels where LiteRT runs the
+  # op so) or "auto" (int4 per op type where the interpreter measured it no
+  # slower); report.json says which kernels stayed int8 and why.
+  config.litert_weights = "int8"
 
   # Finetuning of the compressed model: SGD with momentum, coupled L2 weight
   # decay on the kernels, linear warmup then cosine decay to 0.

@@ -3,6 +3,8 @@
 Each refusal names the problem and the fix, and leaves the workdir unmade.
 """
 
+import glob
+import importlib.util
 import os
 
 from absl.testing import absltest
@@ -23,6 +25,7 @@ import digits_data
 
 
 cpu_devices.split_cpu()
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _validate(config, strategy, workdir, **options) -> None:
@@ -116,6 +119,9 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
       ("step_fit", {"step_fit": "model"}, r"config\.step_fit='model'"),
       ("calibration_images", {"calibration_images": -1},
        r"config\.calibration_images=-1 is invalid.*>= 0"),
+      # One checkpoint leaves nothing to fall back to.
+      ("checkpoints_to_keep", {"checkpoints_to_keep": 1},
+       r"config\.checkpoints_to_keep=1 is invalid.*>= 2"),
   )
   def test_validate_rejects(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -171,6 +177,67 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
     _validate(self.config(pretrained=self.fp32_weights, step_fit="laplace"),
               self.one_device, workdir, phase="compress")
 
+  def test_validate_rejects_a_plan_of_another_model(self):
+    workdir = self.workdir("foreign_plan")
+    os.makedirs(workdir)
+    config = self.config(pretrained=self.fp32_weights)
+    other = keras.Sequential([keras.layers.Dense(64, input_shape=(32,))])
+    plan = opq_tf.allocate(other, **planning.allocate_options(config))
+    with open(os.path.join(workdir, layout.PLAN_FILE), "w") as f:
+      f.write(plan.to_json())
+    with self.assertRaisesRegex(
+        ValueError, r"plan\.json was computed for another model than "
+        r"config\.model='small_resnet' \(kernel 'dense/kernel' \(32, 64\) is "
+        r"not in the model.*the model's '.*' is not in it.*fresh --workdir"):
+      _validate(config, self.one_device, workdir, phase="compress")
+
+  @parameterized.named_parameters(
+      ("a_file", "file", r"export is not a directory; move it away or remove"),
+      ("foreign_files", "foreign", r"export holds \['notes\.txt'\] but no "
+       r"report\.json, so it is not an export of this run; move it away"),
+      ("corrupt_report", "corrupt", r"report\.json is not readable JSON"),
+  )
+  def test_validate_rejects_an_export_dir_in_a_bad_state(self, state, message):
+    workdir = self.workdir(f"export_{state}")
+    export_dir = os.path.join(workdir, layout.EXPORT_DIR)
+    os.makedirs(workdir)
+    if state == "file":
+      open(export_dir, "w").close()
+    else:
+      os.makedirs(export_dir)
+      name = "notes.txt" if state == "foreign" else "report.json"
+      with open(os.path.join(export_dir, name), "w") as f:
+        f.write("{not json")
+    config = self.config(pretrained=self.fp32_weights)
+    with self.assertRaisesRegex(ValueError, message):
+      _validate(config, self.one_device, workdir, phase="compress")
+    if state != "file":  # An export of a run is fine (a rerun may replace it).
+      with open(os.path.join(export_dir, "report.json"), "w") as f:
+        f.write('{"made_from": {"checkpoint_step": 4}}')
+      if state == "foreign":
+        os.remove(os.path.join(export_dir, "notes.txt"))
+      _validate(config, self.one_device, workdir, phase="compress")
+
+  def test_validate_names_truncated_weights_and_the_fix(self):
+    truncated = os.path.join(self.root, "truncated.h5")
+    with open(self.fp32_weights, "rb") as f:
+      data = f.read()
+    with open(truncated, "wb") as f:
+      f.write(data[:len(data) // 2])
+    with self.assertRaisesRegex(
+        ValueError, r"FP32 weights '.*truncated\.h5' cannot be read, the file "
+        r"is truncated or corrupt .*; pass an intact copy as "
+        r"--config\.pretrained"):
+      _validate(self.config(pretrained=truncated), self.one_device,
+                self.workdir("never"), phase="compress")
+    workdir = self.workdir("truncated_fp32")
+    os.makedirs(os.path.join(workdir, "fp32"))
+    os.rename(truncated, os.path.join(workdir, layout.FP32_WEIGHTS))
+    with self.assertRaisesRegex(
+        ValueError, r"fp32/weights\.h5' cannot be read.*delete it and rerun to "
+        r"train the FP32 weights again"):
+      _validate(self.config(), self.one_device, workdir, phase="compress")
+
   def test_validate_needs_fp32_weights_to_compress(self):
     with self.assertRaisesRegex(ValueError, "No FP32 weights"):
       _validate(self.config(), self.one_device, self.workdir("never"),
@@ -186,6 +253,22 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
         ValueError, r"layer 'logits' weight 'logits/kernel.*\(128, 7\).*\(128, 10\)"):
       _validate(self.config(pretrained=path), self.one_device,
                 self.workdir("never"), phase="compress")
+
+
+class ConfigsTest(parameterized.TestCase):
+  """Every experiment in configs/ passes the field checks as it is."""
+
+  @parameterized.named_parameters(
+      (os.path.basename(path)[:-3], path) for path in sorted(glob.glob(
+          os.path.join(_ROOT, "configs", "*.py")))
+      if not path.endswith("__init__.py"))
+  def test_config_passes_the_field_checks(self, path):
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    checks.check_fields(config, default.get_config())
+    self.assertEqual(set(config.keys()), set(default.get_config().keys()))
 
 
 class UserModelChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):

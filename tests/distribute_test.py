@@ -1,6 +1,15 @@
-"""Tests for opq_tf.training.distribute: strategies, the chief, barriers."""
+"""Tests for opq_tf.training.distribute: strategies, the chief, barriers.
 
-import types
+Single-process strategies are made here; the cluster cases run real
+MultiWorkerMirroredStrategy processes on localhost (TF_CONFIG), which meet
+at distribute.barrier before they report who they are.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -12,12 +21,52 @@ from opq_tf.tf_keras._keras import tf
 
 cpu_devices.split_cpu()
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TIMEOUT = 300
+_TASK = """
+import json
+from opq_tf.training import distribute
+strategy = distribute.make_strategy("multi_worker")
+distribute.barrier(strategy)
+print("TASK", json.dumps({"chief": distribute.is_chief(strategy),
+                          "workers": distribute.num_workers(strategy),
+                          "task": list(distribute.task(strategy))}))
+"""
 
-def _in_cluster(cluster: dict, task_type: str, task_id: int):
-  """A stand-in strategy whose resolver says where this process is."""
-  resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-      tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
-  return types.SimpleNamespace(cluster_resolver=resolver)
+
+def _free_ports(count: int) -> list[int]:
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def _start_cluster(task_types: list[str]) -> list[subprocess.Popen]:
+  """One process per task, each making MultiWorkerMirroredStrategy from its
+  TF_CONFIG, in the order of `task_types`."""
+  ports = iter(_free_ports(len(task_types)))
+  cluster, tasks = {}, []
+  for task_type in task_types:
+    cluster.setdefault(task_type, []).append(f"localhost:{next(ports)}")
+    tasks.append({"type": task_type, "index": len(cluster[task_type]) - 1})
+  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  return [subprocess.Popen(
+      [sys.executable, "-c", _TASK], cwd=_ROOT, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env={**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": task})})
+          for task in tasks]
+
+
+def _report(process: subprocess.Popen) -> dict:
+  """What a process of _start_cluster printed about itself."""
+  output = process.communicate(timeout=_TIMEOUT)[0]
+  if process.returncode != 0:
+    raise AssertionError(output[-3000:])
+  line = [l for l in output.splitlines() if l.startswith("TASK ")][-1]
+  return json.loads(line.removeprefix("TASK "))
 
 
 class DistributeTest(parameterized.TestCase):
@@ -35,25 +84,28 @@ class DistributeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "cpu_devices must be"):
       distribute.make_strategy("mirrored", cpu_devices=-1)
 
-  def test_a_single_process_is_the_chief_of_one(self):
-    strategy = distribute.make_strategy("one_device")
+  @parameterized.parameters("one_device", "mirrored")
+  def test_a_single_process_is_the_chief_of_one(self, name):
+    strategy = distribute.make_strategy(name)
     self.assertTrue(distribute.is_chief(strategy))
     self.assertEqual(distribute.num_workers(strategy), 1)
     self.assertEqual(distribute.task(strategy), (None, 0))
     distribute.barrier(strategy)  # returns at once
 
-  @parameterized.named_parameters(
-      ("worker0_without_chief", {"worker": ["a:1", "b:1"]}, "worker", 0, True),
-      ("worker1", {"worker": ["a:1", "b:1"]}, "worker", 1, False),
-      ("chief", {"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0, True),
-      ("worker0_with_chief", {"chief": ["c:1"], "worker": ["a:1"]}, "worker",
-       0, False),
-  )
-  def test_chief_in_a_cluster(self, cluster, task_type, task_id, chief):
-    strategy = _in_cluster(cluster, task_type, task_id)
-    self.assertEqual(distribute.is_chief(strategy), chief)
-    self.assertEqual(distribute.num_workers(strategy), 2)
-    self.assertEqual(distribute.task(strategy), (task_type, task_id))
+  def test_chief_in_a_cluster(self):
+    # cluster -> (is_chief, task) of each task; both clusters run at once.
+    expected = {
+        # Without a chief task, worker 0 is the chief (TF's convention).
+        ("worker", "worker"): [(True, ["worker", 0]), (False, ["worker", 1])],
+        ("chief", "worker"): [(True, ["chief", 0]), (False, ["worker", 0])],
+    }
+    clusters = {tasks: _start_cluster(list(tasks)) for tasks in expected}
+    for tasks, processes in clusters.items():
+      with self.subTest(tasks):
+        reports = [_report(process) for process in processes]
+        self.assertEqual([(r["chief"], r["task"]) for r in reports],
+                         expected[tasks])
+        self.assertEqual([r["workers"] for r in reports], [2, 2])
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ keras.utils.set_random_seed(0)
 with strategy.scope():
   model = models.build(config.model, config.num_classes, config.image_size)
   qmodel = apply(model, pruning_rate=0.8, bits=3)
+np.savez(out.replace(".npz", "_initial.npz"), *qmodel.get_weights())
 result = loop.fit(qmodel, config, strategy, data_dir, workdir,
                   phase="finetune", epochs=1, learning_rate=0.05,
                   warmup_epochs=0.0)
@@ -88,15 +89,19 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
     workdir = os.path.join(self.root, "multi_worker")
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
-    processes, outputs = [], []
+    processes, outputs, temp_dirs = [], [], []
     for index in range(2):
       out = os.path.join(self.root, f"worker{index}.npz")
       outputs.append(out)
+      # Each worker's own temporary directory: where a non-chief writes.
+      temp_dirs.append(os.path.join(self.root, f"worker{index}_tmp"))
+      os.makedirs(temp_dirs[-1])
       tf_config = json.dumps({"cluster": cluster,
                               "task": {"type": "worker", "index": index}})
       processes.append(subprocess.Popen(
           [sys.executable, "-c", _WORKER, workdir, self.data_dir, out],
-          cwd=_ROOT, env=_environment(TF_CONFIG=tf_config),
+          cwd=_ROOT, env=_environment(TF_CONFIG=tf_config,
+                                      TMPDIR=temp_dirs[-1]),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=_TIMEOUT)[0] for p in processes]
     for process, log in zip(processes, logs):
@@ -106,9 +111,25 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
     self.assertLen(first.files, len(second.files))
     for name in first.files:
       np.testing.assert_array_equal(first[name], second[name], err_msg=name)
-    # Only the chief writes the workdir's checkpoints.
-    self.assertTrue(os.path.exists(
-        os.path.join(workdir, "finetune", "checkpoints", "checkpoint")))
+    # Training moved the weights (the same way on both workers).
+    initial = np.load(outputs[0].replace(".npz", "_initial.npz"))
+    self.assertEqual(initial.files, first.files)
+    changed = [name for name in first.files
+               if not np.array_equal(first[name], initial[name])]
+    self.assertGreaterEqual(len(changed), 11)  # small_resnet's 11 kernels, ...
+    # Only the chief (worker 0) wrote the workdir: one summary file, one set
+    # of checkpoints (steps 2 and 3); worker 1 wrote its checkpoints to its
+    # temporary directory and removed them.
+    checkpoints = os.path.join(workdir, "finetune", "checkpoints")
+    self.assertEqual(sorted(os.listdir(workdir)), ["finetune", "tensorboard"])
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, "finetune"))),
+                     ["checkpoints"])
+    self.assertEqual(
+        sorted(n for n in os.listdir(checkpoints) if n.endswith(".index")),
+        ["ckpt-2.index", "ckpt-3.index"])
+    self.assertLen(os.listdir(os.path.join(workdir, "tensorboard", "finetune")),
+                   1)
+    self.assertEqual(os.listdir(temp_dirs[1]), [])
 
   def _launch(self, workdir: str, workers: int, capture: bool = False
               ) -> list[subprocess.Popen]:

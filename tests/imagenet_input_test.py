@@ -117,6 +117,7 @@ class ImagenetInputTest(digits_data.DigitsTestCase, tf.test.TestCase,
       images = strategy.experimental_local_results(images)
       labels = strategy.experimental_local_results(labels)
       self.assertLen(images, 2)
+      self.assertLen(labels, 2)
       for image, label in zip(images, labels):
         self.assertEqual(image.shape, (8, 48, 48, 3))
         self.assertEqual(image.dtype, tf.float32)
@@ -135,6 +136,8 @@ class ImagenetInputTest(digits_data.DigitsTestCase, tf.test.TestCase,
       return [(x.numpy(), y.numpy()) for x, y in dataset.take(3)]
 
     first, again, other = first_batches(3), first_batches(3), first_batches(4)
+    self.assertLen(first, 3)
+    self.assertLen(again, 3)
     for (x1, y1), (x2, y2) in zip(first, again):
       self.assertAllEqual(x1, x2)
       self.assertAllEqual(y1, y2)
@@ -169,14 +172,17 @@ class ImagenetInputTest(digits_data.DigitsTestCase, tf.test.TestCase,
     first = [(x.numpy(), y.numpy()) for x, y in dataset]
     again = [(x.numpy(), y.numpy()) for x, y in dataset]
     self.assertEqual([len(y) for _, y in first], [64] * 7 + [52])
+    self.assertLen(again, len(first))
     for (x1, y1), (x2, y2) in zip(first, again):
       self.assertAllEqual(x1, x2)
       self.assertAllEqual(y1, y2)
     labels = np.concatenate([y for _, y in first])
     np.testing.assert_array_equal(np.bincount(labels), [50] * 10)
     cached = self._dataset_fn(global_batch_size=64, cache=True)()
-    for _ in range(2):
-      for (x1, y1), (x2, y2) in zip(first, cached):
+    for _ in range(2):  # the pass that fills the cache, then one read from it
+      batches = [(x.numpy(), y.numpy()) for x, y in cached]
+      self.assertLen(batches, len(first))
+      for (x1, y1), (x2, y2) in zip(first, batches):
         self.assertAllEqual(x1, x2)
         self.assertAllEqual(y1, y2)
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -54,17 +53,18 @@ class LabelFilesTest(absltest.TestCase):
 
 class ManualDirTest(digits_data.DigitsTestCase, parameterized.TestCase):
 
-  def test_prepare_again_is_a_fast_no_op(self):
+  def test_prepare_again_is_a_no_op_that_reads_no_manual_dir(self):
     version_dir = os.path.join(self.data_dir, "imagenet2012", "5.1.0")
     before = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
               for f in os.listdir(version_dir)}
-    start = time.perf_counter()
-    builder = imagenet_manual.prepare(self.data_dir, self.manual_dir)
-    seconds = time.perf_counter() - start
+    # Not even a manual_dir is needed, and a missing one is not looked at:
+    # the records are not built again.
+    imagenet_manual.prepare(self.data_dir)
+    builder = imagenet_manual.prepare(self.data_dir,
+                                      os.path.join(self.root, "no_manual"))
     after = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
              for f in os.listdir(version_dir)}
     self.assertEqual(before, after)
-    self.assertLess(seconds, 2.0)
     self.assertEqual(builder.info.splits["train"].num_examples, 1297)
     self.assertLen(builder.info.splits["train"].shard_lengths,
                    digits_data.NUM_SHARDS)

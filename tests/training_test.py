@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from unittest import mock
 
@@ -293,6 +294,50 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
                            report["compression"]["realised_pruning_rate"],
                            delta=0.01)
 
+    # report.json records what the export was made from; an unchanged rerun
+    # reuses it, one with more epochs (other weights) replaces it whole.
+    report_path = os.path.join(export_dir, "report.json")
+    packed_path = os.path.join(export_dir, "model.opq")
+    self.assertEqual(json.load(open(report_path))["made_from"], {
+        "checkpoint_step": 4,
+        "options": {"litert": True, "litert_int8_activations": True,
+                    "litert_weights": "int8"}})
+    packed_mtime = os.stat(packed_path).st_mtime_ns
+    compression.compress_and_finetune(resumed_config, workdir, self.one_device,
+                                      self.data_dir)
+    self.assertEqual(os.stat(packed_path).st_mtime_ns, packed_mtime)
+    # A killed export's staging directory (its process is gone) is removed.
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    leftover = os.path.join(workdir, f".export.tmp-{finished.pid}-killed")
+    os.makedirs(os.path.join(leftover, "export"))
+    longer = self.config(pretrained=perturbed_path, num_epochs=2)  # no LiteRT
+    third = compression.compress_and_finetune(longer, workdir, self.one_device,
+                                              self.data_dir)
+    self.assertEqual(third["finetune"]["steps"], 8)
+    self.assertEqual(json.load(open(report_path))["made_from"], {
+        "checkpoint_step": 8,
+        "options": {"litert": False, "litert_int8_activations": False,
+                    "litert_weights": "int8"}})
+    self.assertFalse(os.path.exists(tflite))
+    self.assertFalse(os.path.exists(leftover))
+    self.assertEqual([n for n in os.listdir(workdir) if ".tmp-" in n], [])
+    self.assertEqual(json.load(open(os.path.join(workdir, layout.FINAL_REPORT)))
+                     ["finetune"]["steps"], 8)
+    # The packed file holds step 8's weights: those of its checkpoint.
+    model = models.build("small_resnet", 10, 32)
+    pretrained.load(model, perturbed_path)
+    qmodel = apply(model, plan)
+    tf.train.Checkpoint(model=qmodel).restore(
+        os.path.join(checkpoints, "ckpt-8")).expect_partial()
+    finetuned = {k.key: k.compressed for k in compressed_kernels(qmodel)}
+    packed = load_packed(packed_path,
+                         lambda: models.build("small_resnet", 10, 32))
+    for kernel in plan.kernels:
+      np.testing.assert_allclose(
+          getattr(packed.get_layer(kernel.name), kernel.weight).numpy(),
+          finetuned[kernel.key], rtol=1e-6, atol=1e-7, err_msg=kernel.key)
+
   def test_train_and_evaluate_prepares_the_data_once(self):
     """The whole job: one prepare_data, its data_dir passed down; and the
     config's step_fit (which no option list used to pass) reaches the plan."""
@@ -337,6 +382,36 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     resumed = run(2)
     self.assertEqual(resumed["resumed_from_step"], 2)
     self.assertEqual(resumed["steps"], 4)
+
+  def test_fit_falls_back_to_the_previous_readable_checkpoint(self):
+    workdir = self.workdir("fit_fallback")
+    config = self.config(steps_per_epoch=2, steps_per_checkpoint=1)
+
+    def run(epochs):
+      keras.utils.set_random_seed(0)
+      with self.one_device.scope():
+        model = models.build("small_resnet", 10, 32)
+      return loop.fit(model, config, self.one_device, self.data_dir, workdir,
+                      phase="fp32", epochs=epochs, learning_rate=0.01,
+                      warmup_epochs=0.0)
+
+    run(1)  # ckpt-1 (mid-epoch) and ckpt-2
+    checkpoints = layout.checkpoint_dir(workdir, "fp32")
+    (newest,) = glob.glob(os.path.join(checkpoints, "ckpt-2.data-*"))
+    with open(newest, "r+b") as f:
+      f.truncate(os.path.getsize(newest) // 2)
+    with self.assertLogs("absl", level="WARNING") as logs:
+      resumed = run(2)
+    self.assertIn(newest, "\n".join(logs.output))
+    self.assertEqual(resumed["resumed_from_step"], 1)
+    self.assertEqual(resumed["steps"], 4)
+    for index in glob.glob(os.path.join(checkpoints, "ckpt-*.index")):
+      with open(index, "r+b") as f:
+        f.truncate(8)
+    with self.assertRaisesRegex(
+        layout.WorkdirError, rf"No checkpoint under {checkpoints} is readable "
+        r"\(.*ckpt-4\.index.*ckpt-2\.index.*\). Remove that directory"):
+      run(3)
 
   def test_kernel_l2_is_half_wd_times_the_squared_kernels(self):
     model = models.build("small_resnet", 10, 32)

@@ -66,6 +66,14 @@ def _remove_leftovers(parent: str, base: str) -> None:
         pass
 
 
+def remove_leftovers(path: PathLike) -> None:
+  """Removes what killed writers of `path` left (as atomic_path does first),
+  for a writer that stages `path` itself under a name of the same pattern."""
+  parent, base = os.path.split(os.path.abspath(os.fspath(path)))
+  if os.path.isdir(parent):
+    _remove_leftovers(parent, base)
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

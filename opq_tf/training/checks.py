@@ -27,12 +27,16 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from opq_tf import litert_codes
 from opq_tf.core import allocation
 from opq_tf.core import grid
-from opq_tf.tf_keras._keras import tf
+from opq_tf.tf_keras import exporting
+from opq_tf.tf_keras import layers
+from opq_tf.tf_keras._keras import keras, tf
 from opq_tf.training import data
 from opq_tf.training import distribute
 from opq_tf.training import imagenet_manual
+from opq_tf.training import keras3_distribute
 from opq_tf.training import layout
 from opq_tf.training import models
 from opq_tf.training import planning
@@ -112,6 +116,11 @@ def check_model(config: ml_collections.ConfigDict) -> None:
 # field -> (check, what it must be), for fields that need more than the type
 # of their default value.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "frontend": (lambda v: v in keras3_distribute.FRONTENDS,
+                 f"one of {keras3_distribute.FRONTENDS}"),
+    "backend": (lambda v: v in ("",) + keras3_distribute.BACKENDS,
+                f"one of {keras3_distribute.BACKENDS} (keras3; '' = "
+                "KERAS_BACKEND, else tensorflow)"),
     # What the name points at (constructor, path) is checked by check_model.
     "model": (lambda v: isinstance(v, str) and bool(v),
               f"one of {models.NAMES}, 'applications.<Constructor>' or "
@@ -149,10 +158,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                          f"one of {allocation.STEP_GRANULARITIES}"),
     "step_stats": (lambda v: v in allocation.STEP_STATS,
                    f"one of {allocation.STEP_STATS}"),
+    "litert_weights": (lambda v: v in litert_codes.WEIGHTS,
+                       f"one of {litert_codes.WEIGHTS}"),
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "steps_per_checkpoint": _int_at_least(1),
-    "checkpoints_to_keep": _int_at_least(1),
+    # The previous checkpoint is the fall-back for a damaged newest one.
+    "checkpoints_to_keep": _int_at_least(2),
     "log_every_steps": _int_at_least(1),
 }
 
@@ -269,8 +281,53 @@ def check_data(config: ml_collections.ConfigDict, workdir: str,
             "workers).")
 
 
-def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """An existing <workdir>/plan.json was made for this config's settings."""
+def check_weights(model: keras.Model, weights: str, workdir: str) -> None:
+  """The FP32 weights the run will read load into `model` (shapes too).
+
+  A truncated or corrupt file (h5py's OSError) is named with its fix: the
+  workdir's own fp32/weights.h5 is made again by training, a given one must
+  be replaced.
+  """
+  try:
+    pretrained.load(model, weights)
+  except OSError as error:
+    if os.path.abspath(weights) == os.path.abspath(
+        os.path.join(workdir, layout.FP32_WEIGHTS)):
+      fix = (f"delete it and rerun to train the FP32 weights again (they "
+             f"resume from {layout.checkpoint_dir(workdir, 'fp32')}), or pass "
+             "--config.pretrained=<weights>")
+    else:
+      fix = "pass an intact copy as --config.pretrained"
+    raise ValueError(
+        f"FP32 weights {weights!r} cannot be read, the file is truncated or "
+        f"corrupt ({error}); {fix}.") from error
+
+
+def _check_plan_fits_model(plan: allocation.CompressionPlan,
+                           model: keras.Model, path: str) -> None:
+  """Every kernel of the plan is the model's, with its shape, and back."""
+  shapes = {key: tuple(kernel.values.shape)
+            for key, kernel in layers.compressible_kernels(model).items()}
+  planned = {kernel.key: tuple(kernel.shape) for kernel in plan.kernels}
+  foreign = sorted(key for key, shape in planned.items()
+                   if shapes.get(key) != shape)
+  unplanned = sorted(set(shapes) - set(planned) - set(plan.skipped))
+  if foreign or unplanned:
+    details = "; ".join(
+        [f"kernel {key!r} {planned[key]} is "
+         + (f"{shapes[key]} in the model" if key in shapes else
+            "not in the model") for key in foreign[:3]]
+        + [f"the model's {key!r} is not in it" for key in unplanned[:3]])
+    raise ValueError(
+        f"{path} was computed for another model than config.model="
+        f"{model.name!r} ({details}). A workdir's plan belongs to the model it "
+        "was computed for: use a fresh --workdir for this config.")
+
+
+def check_plan_file(config: ml_collections.ConfigDict, workdir: str,
+                    model: keras.Model | None = None) -> None:
+  """An existing <workdir>/plan.json was made for this config's settings,
+  and (given the config's tf_keras `model`) for its kernels."""
   path = os.path.join(workdir, layout.PLAN_FILE)
   if not os.path.exists(path):
     return
@@ -280,6 +337,8 @@ def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(
         f"{path} is not a readable compression plan ({error}); use a fresh "
         "--workdir.") from error
+  if model is not None:
+    _check_plan_fits_model(plan, model, path)
   wanted = planning.allocate_options(config)
   found = planning.recorded_options(plan)
   if found != wanted:
@@ -287,6 +346,36 @@ def check_plan_file(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{path} was computed for {found}, but the config asks for {wanted}. "
         "The plan of a workdir is never recomputed; use a fresh --workdir "
         "(or restore the config values).")
+
+
+def check_export_dir(workdir: str) -> None:
+  """<workdir>/export is absent, empty, or an export with a readable report.
+
+  A rerun replaces an export whose report.json says it was made from other
+  weights or options; anything else there (a file, someone's files) is not
+  the run's to delete.
+  """
+  path = os.path.join(workdir, layout.EXPORT_DIR)
+  if not os.path.lexists(path):
+    return
+  fix = (f"move it away or remove it, and rerun (the run exports to {path})")
+  if not os.path.isdir(path) or os.path.islink(path):
+    raise ValueError(f"{path} is not a directory; {fix}.")
+  entries = sorted(os.listdir(path))
+  if not entries:
+    return
+  report_path = os.path.join(path, exporting.REPORT_FILE)
+  if exporting.REPORT_FILE not in entries:
+    raise ValueError(
+        f"{path} holds {entries[:5]} but no {exporting.REPORT_FILE}, so it is "
+        f"not an export of this run; {fix}.")
+  try:
+    report = layout.read_json(report_path)
+  except (OSError, ValueError) as error:
+    raise ValueError(f"{report_path} is not readable JSON ({error}); {fix}."
+                     ) from error
+  if not isinstance(report, dict):
+    raise ValueError(f"{report_path} is not an export report; {fix}.")
 
 
 def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy,
@@ -299,8 +388,10 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
   positive learning rates, ...), that the global and eval batches divide
   into the strategy's replicas, that XLA can compile the model on them, that
   the workdir is writable, the ILSVRC manual_dir (or a prepared data_dir),
-  that a user model builds and the pre-trained weights load into the model
-  (shapes), and that an existing workdir/plan.json matches the config.
+  that a user model builds and the FP32 weights the run reads load into the
+  model (shapes; a truncated file is named), that an existing
+  workdir/plan.json matches the config and the model's kernels, and that
+  workdir/export is an export (or absent).
 
   Args:
     config: a ConfigDict from configs/.
@@ -341,13 +432,22 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
             " and config.fp32_epochs is 0" if phase == "all" else "") +
         ". Pass --config.pretrained=<weights>, or train them first "
         "(trainers/train.py, or --config.fp32_epochs=<n>).")
-  if config.pretrained == "imagenet":
+  model = None  # The config's tf_keras model, where a check builds it.
+  if config.get("frontend", "tf_keras") == "keras3":
+    from opq_tf.training import keras3_training  # pylint: disable=g-import-not-at-top
+    keras3_training.check(config)
+  elif config.pretrained == "imagenet":
     pretrained.check_imagenet_weights(config.model, config.num_classes,
                                       config.image_size)
-  elif config.pretrained:
-    pretrained.load(models.build_for_config(config), config.pretrained)
-  elif config.model not in models.NAMES:
-    # The options suit the constructor, the model fits.
-    models.build_for_config(config)
+  else:
+    # The FP32 weights the run reads (a finished FP32 phase is not re-read).
+    weights = config.pretrained or (start.fp32_weights if phase != "fp32"
+                                    else None)
+    if weights or config.model not in models.NAMES or (
+        phase != "fp32" and start.rule == "plan"):
+      model = models.build_for_config(config)  # The options suit the constructor.
+    if weights:
+      check_weights(model, weights, workdir)
   if phase != "fp32":
-    check_plan_file(config, workdir)
+    check_plan_file(config, workdir, model)
+    check_export_dir(workdir)

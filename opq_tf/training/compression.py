@@ -15,6 +15,10 @@ with the JPEG serving signature of opq_tf.training.serving; report.json and
 model.opq beside it (and model.tflite with config.litert) come from
 opq_tf.tf_keras.exporting.export. With LiteRT, the .tflite's accuracy is
 measured against the stripped Keras model and recorded in the report.
+report.json records what the export was made from (the finetuning step and
+the export options, `made_from`): a rerun that differs in either (more
+epochs, --config.litert=True) exports again and replaces it whole; an
+unchanged rerun reuses it.
 
 Multi-worker: every worker evaluates, calibrates, finetunes and exports (all
 collectives: reading BatchNorm's sync-on-read statistics is one), but only
@@ -30,10 +34,12 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
+from absl import logging
 import ml_collections
 import numpy as np
 
 from opq_tf.core import allocation
+from opq_tf.core import files
 from opq_tf.tf_keras import calibration
 from opq_tf.tf_keras import exporting
 from opq_tf.tf_keras import wrapping
@@ -160,29 +166,78 @@ def _litert_accuracy(qmodel: keras.Model, config: ml_collections.ConfigDict,
   return result
 
 
+def made_from(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+  """What an export is made from: the finetuning checkpoint's step (the
+  weights) and the config's export options. report.json records it under
+  "made_from", and a rerun exports again when it differs."""
+  return {"checkpoint_step": int(step),
+          "options": {"litert": config.litert,
+                      "litert_int8_activations": config.litert_int8_activations,
+                      "litert_weights": config.litert_weights}}
+
+
+def _replace_dir(new: str, directory: str) -> None:
+  """Puts the finished directory `new` at `directory`, moving an old one aside
+  first (renames only: a kill between them leaves no `directory`, which the
+  next run exports again, never a mix of old and new files)."""
+  if os.path.lexists(directory):
+    os.rename(directory, os.path.join(os.path.dirname(new), "replaced"))
+  os.rename(new, directory)
+
+
 def export(qmodel: keras.Model, plan: allocation.CompressionPlan,
            config: ml_collections.ConfigDict, data_dir: str, export_dir: str,
-           chief: bool) -> dict[str, Any]:
-  """Exports the finetuned model to `export_dir` once; returns its report.
+           chief: bool, step: int) -> dict[str, Any]:
+  """Exports the finetuned model at `step` to `export_dir`; returns its report.
 
-  An existing <export_dir>/report.json (a rerun of a finished run) is read
-  back instead. A non-chief worker exports to a temporary directory that it
-  deletes (see the module docstring).
+  An existing export made from the same step and options (report.json's
+  "made_from"; a rerun of a finished run) is read back instead; any other is
+  replaced once the new one is complete. The export is staged in a hidden
+  sibling named as atomic_path's temporaries, so a killed export's leftovers
+  are removed by the next. A non-chief worker exports to a temporary
+  directory that it deletes (see the module docstring).
   """
+  source = made_from(config, step)
   report_path = os.path.join(export_dir, exporting.REPORT_FILE)
   if os.path.exists(report_path):
-    return layout.read_json(report_path)
-  target = export_dir if chief else os.path.join(tempfile.mkdtemp(), "export")
+    existing = layout.read_json(report_path)
+    if existing.get("made_from") == source:
+      return existing
+    logging.info("Exporting again: %s was made from %s, this run has %s.",
+                 export_dir, existing.get("made_from"), source)
+  if chief:
+    files.remove_leftovers(export_dir)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(export_dir), prefix=(
+        f".{os.path.basename(export_dir)}.tmp-{os.getpid()}-"))
+  else:
+    staging = tempfile.mkdtemp()
+  target = os.path.join(staging, "export")
+  try:
+    export_report = _write_export(qmodel, plan, config, data_dir, target)
+    export_report["made_from"] = source
+    files.write_json(os.path.join(target, exporting.REPORT_FILE),
+                     export_report)
+    if chief:
+      _replace_dir(target, export_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return export_report
+
+
+def _write_export(qmodel: keras.Model, plan: allocation.CompressionPlan,
+                  config: ml_collections.ConfigDict, data_dir: str,
+                  target: str) -> dict[str, Any]:
+  """opq_tf's export of `qmodel` to the new directory `target`, with the
+  .tflite's accuracy in the report when config.litert."""
   export_report = exporting.export(
       qmodel, target, plan=plan, serving_fn=serving.serving_fn(config.image_size),
       input_signature=serving.SERVING_SIGNATURE, litert=config.litert,
       litert_int8_activations=config.litert_int8_activations,
+      litert_weights=config.litert_weights,
       representative_data=_representative_data(config, data_dir))
   if config.litert:
     export_report["litert"]["accuracy"] = _litert_accuracy(
         qmodel, config, data_dir, target)
-  if not chief:
-    shutil.rmtree(os.path.dirname(target), ignore_errors=True)
   return export_report
 
 
@@ -256,7 +311,12 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
 
   export_dir = os.path.join(workdir, layout.EXPORT_DIR)
   export_started = time.time()
-  export_report = export(qmodel, plan, config, data_dir, export_dir, chief)
+  final_report_path = os.path.join(workdir, layout.FINAL_REPORT)
+  if chief and os.path.exists(final_report_path):
+    # It describes the export about to be checked (and maybe replaced).
+    os.remove(final_report_path)
+  export_report = export(qmodel, plan, config, data_dir, export_dir, chief,
+                         step=finetune["steps"])
   export_seconds = time.time() - export_started
 
   report = report_lib.final_report(
@@ -270,6 +330,6 @@ def compress_and_finetune(config: ml_collections.ConfigDict, workdir: str,
                "compress_and_finetune_total": time.time() - started},
       export_dir=export_dir)
   if chief:
-    layout.write_json(os.path.join(workdir, layout.FINAL_REPORT), report)
+    layout.write_json(final_report_path, report)
     print(report_lib.format_report(report), flush=True)
   return report

@@ -41,6 +41,12 @@ FINAL_REPORT = "final_report.json"
 EXPORT_DIR = "export"
 
 
+class WorkdirError(ValueError):
+  """A workdir file that is unusable (truncated, corrupt, foreign), found
+  while the run reads it; the message names the file and the fix, and the
+  trainers exit 2 on it as on a bad flag."""
+
+
 def checkpoint_dir(workdir: str, phase: str) -> str:
   """<workdir>/<phase>/checkpoints: the training checkpoints of "fp32" or
   "finetune"."""

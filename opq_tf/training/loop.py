@@ -32,9 +32,11 @@ optimizer, step, epoch) every `steps_per_checkpoint` steps and at each epoch
 end. TensorFlow writes the data files, then the index, and updates the
 `checkpoint` state file last and atomically, so an interrupted save is never
 listed and `latest_checkpoint` is always complete. On start the latest
-checkpoint is restored and training resumes mid-epoch: the epoch's dataset is
-rebuilt with the same seed (`config.seed + epoch`) and the steps already done
-are skipped, so a resumed run sees the batches an uninterrupted run would.
+readable checkpoint is restored (`restore_latest_readable`: one damaged
+later is skipped with a warning) and training resumes mid-epoch: the
+epoch's dataset is rebuilt with the same seed (`config.seed + epoch`) and
+the steps already done are skipped, so a resumed run sees the batches an
+uninterrupted run would.
 
 Summaries go to <workdir>/tensorboard/<phase> (train/loss, train/accuracy,
 train/learning_rate every log_every_steps; epoch/loss, epoch/accuracy and, when
@@ -49,13 +51,14 @@ directory that they delete, and skip summaries.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 import ml_collections
@@ -269,6 +272,48 @@ def _compressed_sparsity(model: keras.Model) -> float:
   return zeros / sum(k.kernel.size for k in kernels)
 
 
+def restore_latest_readable(checkpoint: tf.train.Checkpoint,
+                            checkpoint_dir: str) -> Optional[str]:
+  """Restores the newest readable checkpoint listed in `checkpoint_dir`.
+
+  A listed checkpoint is complete when written (see the module docstring),
+  but a file can be damaged after that (a disk filling up, a copy cut short):
+  such a one is skipped with a warning naming its files, and the previous one
+  is restored, so one bad file costs the steps since the previous
+  checkpoint rather than every rerun. (Keep at least two:
+  config.checkpoints_to_keep >= 2.)
+
+  Returns:
+    The restored checkpoint's prefix, or None if none is listed.
+
+  Raises:
+    layout.WorkdirError: checkpoints are listed but none is readable.
+  """
+  state = tf.train.get_checkpoint_state(checkpoint_dir)
+  if state is None:
+    return None
+  prefixes = list(state.all_model_checkpoint_paths)
+  if state.model_checkpoint_path not in prefixes:
+    prefixes.append(state.model_checkpoint_path)
+  failures = []
+  for prefix in reversed(prefixes):
+    path = os.path.join(checkpoint_dir, prefix)  # join keeps an absolute one
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except (tf.errors.OpError, IndexError, ValueError, AssertionError) as error:
+      named = ", ".join(sorted(glob.glob(glob.escape(path) + ".*"))) or path
+      logging.warning("Checkpoint %s is unreadable (%s: %s); falling back to "
+                      "the previous one.", named, type(error).__name__,
+                      str(error).splitlines()[0] if str(error) else "")
+      failures.append(named)
+  raise layout.WorkdirError(
+      f"No checkpoint under {checkpoint_dir} is readable ({'; '.join(failures)}"
+      " are truncated, corrupt or of another model). Remove that directory to "
+      "train this phase again from its start, or restore its files from a "
+      "copy.")
+
+
 def fit(model: keras.Model, config: ml_collections.ConfigDict,
         strategy: tf.distribute.Strategy, data_dir: str, workdir: str, *,
         phase: str, epochs: int, learning_rate: float, warmup_epochs: float
@@ -305,9 +350,7 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
   manager = tf.train.CheckpointManager(
       checkpoint, write_dir, max_to_keep=config.checkpoints_to_keep,
       checkpoint_name="ckpt")
-  latest = tf.train.latest_checkpoint(checkpoint_dir)
-  if latest:
-    checkpoint.restore(latest).assert_existing_objects_matched()
+  latest = restore_latest_readable(checkpoint, checkpoint_dir)
   start_step = int(step_var.numpy())
   if latest:
     logging.info("%s: restored %s (step %d)", phase, latest, start_step)

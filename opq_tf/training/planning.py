@@ -16,10 +16,9 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+import opq_tf
 from opq_tf.core import allocation
 from opq_tf.core import files
-from opq_tf.tf_keras import layers
-from opq_tf.tf_keras._keras import keras
 from opq_tf.training import layout
 
 
@@ -52,20 +51,20 @@ def read(workdir: str) -> allocation.CompressionPlan:
     return allocation.CompressionPlan.from_json(f.read())
 
 
-def load_or_allocate(model: keras.Model, config: ml_collections.ConfigDict,
+def load_or_allocate(model: Any, config: ml_collections.ConfigDict,
                      workdir: str, chief: bool) -> allocation.CompressionPlan:
   """The workdir's plan.json if there is one, else a new plan (saved).
 
   A plan is never recomputed: a resumed run's masks and steps must be those
   its finetuning checkpoint was trained with (layout.starting_point, rule 1).
-  Only the chief writes plan.json.
+  Only the chief writes plan.json. `model` is a tf_keras or Keras 3 model
+  (opq_tf.allocate reads its kernels through its frontend).
   """
   path = os.path.join(workdir, layout.PLAN_FILE)
   if os.path.exists(path):
     logging.info("Reusing the compression plan %s", path)
     return read(workdir)
-  plan = allocation.allocate(layers.compressible_kernels(model),
-                             **allocate_options(config))
+  plan = opq_tf.allocate(model, **allocate_options(config))
   if chief:
     files.atomic_write(path, plan.to_json())
   return plan

@@ -19,6 +19,7 @@ import ml_collections
 from opq_tf.core import allocation
 from opq_tf.tf_keras import exporting
 from opq_tf.tf_keras._keras import tf
+from opq_tf.training import layout
 
 # The export report's figures the final report repeats under "compression".
 _COMPRESSION_FIGURES = (
@@ -82,7 +83,30 @@ def final_report(config: ml_collections.ConfigDict,
   }
   if "litert" in export_report:
     report["litert"] = export_report["litert"]
+    report["export"]["litert"] = os.path.join(export_dir,
+                                              export_report["litert"]["file"])
   return report
+
+
+def artefacts(report: dict[str, Any], workdir: str) -> dict[str, str]:
+  """What a compression run wrote, by name: the export's files and the final
+  report (what the binaries' summary lists)."""
+  export = report.get("export", {})
+  named = {"export dir": os.path.join(workdir, layout.EXPORT_DIR)}
+  for name, key in (("saved_model", "saved_model"), ("model.opq", "packed"),
+                    ("report.json", "report"), ("model.tflite", "litert")):
+    if key in export:
+      named[name] = export[key]
+  named["final_report.json"] = os.path.join(workdir, layout.FINAL_REPORT)
+  return named
+
+
+def format_summary(program: str, wall_seconds: float,
+                   artefacts_by_name: dict[str, str]) -> str:
+  """The last lines a binary prints: the whole run's time and its files."""
+  lines = [f"{program}: done in {wall_seconds:.1f} s (whole run); wrote:"]
+  lines += [f"  {name:18s} {path}" for name, path in artefacts_by_name.items()]
+  return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -106,7 +130,8 @@ def format_report(report: dict[str, Any]) -> str:
   if finetune.get("images_per_second"):
     lines.append(f"  finetune {finetune['seconds']:.1f} s, "
                  f"{finetune['images_per_second']:.1f} images/s")
-  lines.append(f"  total {report['seconds']['compress_and_finetune_total']:.1f} s;"
-               f" export in {report['export']['saved_model']}")
+  lines.append(f"  compress and finetune "
+               f"{report['seconds']['compress_and_finetune_total']:.1f} s;"
+               f" export in {os.path.dirname(report['export']['report'])}")
   return "\n".join(lines)
 
