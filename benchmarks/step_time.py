@@ -22,6 +22,16 @@ the configs' batch 256).
 | tfmot_pqat  | prune -> strip -> 8-bit prune-preserving QAT                 |
 | opq_ops     | OPQ's quantizer alone (forward, STE backward), all kernels   |
 
+Keras 3 rows (--keras3_backends): the same configs' models as Keras 3
+networks (keras.applications ResNet50 / MobileNet), FP32 and
+opq_tf.apply(keras.Model, plan), timed on each backend in a process of its
+own (Keras reads its backend once per process) by
+benchmarks/gpu_step_time.py with the trainers' Keras 3 step
+(`keras3_loop.make_train_step`, the same loss, decay and SGD momentum,
+one device), float32; on JAX the step is always jit-compiled. Configs
+whose model has no Keras 3 build there are skipped; --quick times
+configs/mobilenet_v1.py at 32x32 for these rows.
+
 The tfmot variants are benchmarks/tfmot_baselines.py's. Every variant gets
 the same random batch (from a repeated dataset, distributed as the trainer
 distributes its input). The step functions are called round-robin (the order
@@ -33,14 +43,15 @@ table instead of stopping the run. Writes a markdown file of tables and a
 JSON file of every time; the analysis is in docs/benchmarks.md.
 """
 
-import dataclasses
 import datetime
 import importlib
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -50,6 +61,9 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from benchmarks import keras3_steps
+from benchmarks import step_timing
+from benchmarks.step_timing import Timing
 from benchmarks import tfmot_baselines
 import opq_tf
 from opq_tf.training import distribute
@@ -65,6 +79,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_OUTPUT = os.path.join(_REPO, "docs", "step_time_results.md")
 
 CONFIGS = ("resnet50", "mobilenet_v1", "alexnet", "default")
+KERAS3_BACKENDS = ("tensorflow", "jax")
+# The Keras 3 rows of a --quick run: the default config has no Keras 3 build.
+_QUICK_KERAS3_CONFIG, _QUICK_KERAS3_IMAGE_SIZE = "mobilenet_v1", 32
 
 _CONFIGS = flags.DEFINE_list(
     "configs", ["resnet50", "mobilenet_v1"],
@@ -85,6 +102,10 @@ _STRATEGY = flags.DEFINE_enum("strategy", "mirrored", distribute.STRATEGIES,
                               "tf.distribute strategy, as the trainers'.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into N replicas, as the trainers'.")
+_KERAS3_BACKENDS = flags.DEFINE_list(
+    "keras3_backends", list(KERAS3_BACKENDS),
+    "Keras 3 backends to time the Keras 3 frontend on, some of "
+    f"{list(KERAS3_BACKENDS)} (empty: no Keras 3 rows).")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Smoke run: configs/default.py at its 32x32, batch 2, 1 "
     "warmup + 2 timed steps (flags given explicitly still win); writes "
@@ -99,40 +120,6 @@ VARIANTS = ("fp32", "opq", "tfmot_prune", "tfmot_pqat", "opq_ops")
 def load_config(name: str) -> ml_collections.ConfigDict:
   """configs/<name>.py's get_config(): the model, p, B and recipe timed."""
   return importlib.import_module(f"configs.{name}").get_config()
-
-
-@dataclasses.dataclass(eq=False)
-class Timing:
-  """Times of one (model, jit setting, variant) step function."""
-
-  model: str
-  jit_compile: bool
-  variant: str
-  first_call_s: Optional[float] = None
-  step_ms: list = dataclasses.field(default_factory=list)
-  cpu_ms: list = dataclasses.field(default_factory=list)
-  error: Optional[str] = None
-
-
-def _error_text(error: Exception) -> str:
-  """One line naming the failure: XLA's unsupported-op line, or the innermost
-  error of a traced function (e.g. a `merge_call` that XLA cannot hold)."""
-  text = str(error)
-  found = re.search(r"Detected unsupported operations[^\n]*\n?[^\n]*", text)
-  innermost = [line.strip() for line in text.splitlines()
-               if re.match(r"\s*\w+Error: ", line)
-               and "in user code" not in line
-               and "Exception encountered" not in line]
-  if found:
-    line = found.group(0)
-  elif innermost:
-    line = innermost[-1].split(". ")[0]
-  else:
-    line = (text.strip().splitlines() or [""])[0]
-  line = " ".join(line.split()).replace("|", "/")
-  if not re.match(r"\w+Error: ", line):
-    line = f"{type(error).__name__}: {line}"
-  return line[:300]
 
 
 def make_opq_ops_step(qmodel: keras.Model, jit_compile: bool,
@@ -212,7 +199,7 @@ def _build_variants(config: ml_collections.ConfigDict, image_size: int,
         built[variant] = builder()
     except Exception as error:  # pylint: disable=broad-except
       logging.exception("Building %s/%s failed", config.model, variant)
-      errors[variant] = _error_text(error)
+      errors[variant] = step_timing.error_text(error)
       continue
     logging.info("Built %s/%s in %.1f s", config.model, variant,
                  time.perf_counter() - start)
@@ -302,49 +289,10 @@ def time_model(name: str, batch_size: int, image_size: int, steps: int,
           functions[timing] = (
               lambda f=function, i=iterator: f(i).numpy())
       except Exception as error:  # pylint: disable=broad-except
-        timing.error = _error_text(error)
+        timing.error = step_timing.error_text(error)
 
-  def call(timing: Timing) -> Optional[tuple[float, float]]:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    try:
-      functions[timing]()
-    except Exception as error:  # pylint: disable=broad-except
-      logging.warning("%s/%s jit=%s failed: %s", name, timing.variant,
-                      timing.jit_compile, error)
-      timing.error = _error_text(error)
-      del functions[timing]
-      return None
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-  def active() -> list:
-    return [timing for timing in timings if timing in functions]
-
-  for timing in active():
-    elapsed = call(timing)
-    timing.first_call_s = elapsed and elapsed[0]
-    logging.info("%s/%s jit=%s first call %s s", name, timing.variant,
-                 timing.jit_compile, timing.first_call_s)
-  for round_index in range(warmup - 1 + steps):
-    order = active()
-    shift = round_index % max(len(order), 1)
-    for timing in order[shift:] + order[:shift]:
-      elapsed = call(timing)
-      if elapsed is not None and round_index >= warmup - 1:
-        timing.step_ms.append(1e3 * elapsed[0])
-        timing.cpu_ms.append(1e3 * elapsed[1])
+  step_timing.time_round_robin(timings, functions, warmup, steps)
   return timings, notes
-
-
-def paired_ratio(timing: Timing, baseline: Timing,
-                 clock: str = "step_ms") -> Optional[float]:
-  """Median over rounds of timing / baseline, rounds matched by index.
-
-  `clock` is "step_ms" (wall) or "cpu_ms"; None if either failed.
-  """
-  if timing.error or baseline.error or not getattr(baseline, clock):
-    return None
-  return statistics.median(
-      t / b for t, b in zip(getattr(timing, clock), getattr(baseline, clock)))
 
 
 _LABELS = {
@@ -356,12 +304,100 @@ _LABELS = {
 }
 
 
-def _format_ratio(ratio: Optional[float]) -> str:
-  return "n/a" if ratio is None else f"{ratio:.2f}x"
+def keras3_configs(settings: dict) -> list[str]:
+  """The configs of `settings` whose model has a Keras 3 build."""
+  configs = [name for name in settings["configs"]
+             if load_config(name).model in keras3_steps.KERAS3_MODELS]
+  if not configs and settings.get("quick"):
+    configs = [_QUICK_KERAS3_CONFIG]
+  return configs
+
+
+def time_keras3(backend: str, configs: Sequence[str], settings: dict) -> dict:
+  """benchmarks/gpu_step_time.py's results on `backend` (its JSON), or
+  {"error": its last lines} if it failed.
+
+  Run as a subprocess with KERAS_BACKEND=backend, float32, the trainers'
+  step and this run's batch, steps and warmup (jit settings: this run's on
+  TensorFlow, jit-compiled on JAX).
+  """
+  image_size = settings["image_size"]
+  if settings.get("quick") and configs == [_QUICK_KERAS3_CONFIG]:
+    image_size = image_size or _QUICK_KERAS3_IMAGE_SIZE
+  jit = ("true" if backend == "jax" else
+         ",".join(str(value).lower() for value in settings["jit_settings"]))
+  with tempfile.TemporaryDirectory() as directory:
+    output = os.path.join(directory, "keras3.json")
+    command = [sys.executable, "-m", "benchmarks.gpu_step_time",
+               f"--configs={','.join(configs)}",
+               f"--batch_size={settings['batch_size']}",
+               f"--image_size={image_size}", f"--steps={settings['steps']}",
+               f"--warmup={settings['warmup']}", "--precision=float32",
+               "--train_step=trainer", f"--jit_compile={jit}",
+               f"--output={output}"]
+    logging.info("Keras 3 rows on %s: %s", backend, " ".join(command[1:]))
+    result = subprocess.run(command, cwd=_REPO, capture_output=True,
+                            text=True, check=False,
+                            env=dict(os.environ, KERAS_BACKEND=backend))
+    results = (files.read_json(output) if os.path.exists(output) else {})
+    if result.returncode or not results:
+      tail = " ".join(result.stderr.strip().splitlines()[-3:])
+      results["error"] = f"exit {result.returncode}: {tail}"[:500]
+    return results
+
+
+def _ratio(timing: Timing, baseline: Timing, clock: str = "step_ms") -> str:
+  return step_timing.format_ratio(
+      step_timing.paired_ratio(timing, baseline, clock))
+
+
+def keras3_markdown(keras3: dict) -> list[str]:
+  """The Keras 3 section: backend -> `time_keras3` results, as table lines."""
+  lines = [
+      "",
+      "## Keras 3 frontend (opq_tf.apply on a keras.Model)",
+      "",
+      "`benchmarks/gpu_step_time.py --train_step=trainer --precision=float32`"
+      ", one process per backend: the trainers' Keras 3 step "
+      "(`keras3_loop.make_train_step`, one device), keras.applications "
+      "networks, FP32 and OPQ round-robin as above; JAX steps are always "
+      "jit-compiled. Target: OPQ / FP32 CPU <= 1.02x.",
+      "",
+      "| config | backend | jit_compile | variant | first call (s) | wall "
+      "ms/step (median) | CPU ms/step (median) | x FP32 wall | x FP32 CPU |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for backend, results in keras3.items():
+    timings = [step_timing.from_row(row) for row in results.get("timings", [])]
+    baselines = {(t.model, t.jit_compile): t for t in timings
+                 if t.variant == "fp32"}
+    for timing in timings:
+      head = (f"| {timing.model} | {backend} | {timing.jit_compile} | "
+              f"{_LABELS[timing.variant]} |")
+      if timing.error or not timing.step_ms:
+        lines.append(f"{head}{' error |' * 4} {timing.error} |")
+        continue
+      baseline = baselines[(timing.model, timing.jit_compile)]
+      lines.append(
+          f"{head} {timing.first_call_s:.1f} | "
+          f"{statistics.median(timing.step_ms):.1f} | "
+          f"{statistics.median(timing.cpu_ms):.1f} | "
+          f"{_ratio(timing, baseline)} | {_ratio(timing, baseline, 'cpu_ms')} |")
+    if "error" in results:
+      lines.append(f"| all | {backend} | - | - |{' error |' * 4} "
+                   f"{results['error'].replace('|', '/')} |")
+  lines.append("")
+  for backend, results in keras3.items():
+    machine = results.get("machine")
+    if machine:
+      lines.append(f"- {backend}: Keras {machine['keras']}, {backend} "
+                   f"{machine['backend_version']}, devices "
+                   f"{', '.join(machine['devices'])}")
+  return lines
 
 
 def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
-                     load: tuple) -> str:
+                     load: tuple, keras3: Optional[dict] = None) -> str:
   """The results file: machine, date, command and tables (no analysis).
 
   Args:
@@ -370,6 +406,7 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
     settings: date, command, batch_size, image_size, steps, warmup, strategy,
       replicas.
     load: 1-minute load average at the start and the end of the run.
+    keras3: backend -> `time_keras3`'s results (no Keras 3 section if empty).
   """
   lines = [
       "# Train-step time: FP32 vs OPQ vs tfmot",
@@ -435,8 +472,7 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
         f"{head} {timing.first_call_s:.1f} | "
         f"{statistics.median(timing.step_ms):.1f} | "
         f"{min(timing.step_ms):.1f} | {statistics.median(timing.cpu_ms):.1f} | "
-        f"{_format_ratio(paired_ratio(timing, baseline))} | "
-        f"{_format_ratio(paired_ratio(timing, baseline, 'cpu_ms'))} |")
+        f"{_ratio(timing, baseline)} | {_ratio(timing, baseline, 'cpu_ms')} |")
   lines += [
       "",
       "## Ratios to FP32 (wall / CPU)",
@@ -451,9 +487,10 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
     cells = []
     for variant in VARIANTS[1:]:
       timing = by_key.get((model, jit_compile, variant))
-      wall = timing and paired_ratio(timing, baseline)
-      cpu = timing and paired_ratio(timing, baseline, "cpu_ms")
-      cells.append(f"{_format_ratio(wall)} / {_format_ratio(cpu)}")
+      wall = timing and step_timing.paired_ratio(timing, baseline)
+      cpu = timing and step_timing.paired_ratio(timing, baseline, "cpu_ms")
+      cells.append(f"{step_timing.format_ratio(wall)} / "
+                   f"{step_timing.format_ratio(cpu)}")
     extra = []
     for variant in ("opq", "opq_ops"):
       timing = by_key.get((model, jit_compile, variant))
@@ -467,24 +504,18 @@ def results_markdown(timings: Sequence[Timing], notes: dict, settings: dict,
       extra.append(f"{value:.1f}")
     lines.append(f"| {model} | {jit_compile} | {' | '.join(cells)} | "
                  f"{' | '.join(extra)} |")
+  if keras3:
+    lines += keras3_markdown(keras3)
   return "\n".join(lines) + "\n"
 
 
 def results_json(timings: Sequence[Timing], notes: dict, settings: dict,
-                 load: tuple) -> dict:
-  """Every measured time, the setup notes and the ratios, for results JSON."""
-  baselines = {(t.model, t.jit_compile): t for t in timings
-               if t.variant == "fp32"}
-  rows = []
-  for timing in timings:
-    row = dataclasses.asdict(timing)
-    baseline = baselines.get((timing.model, timing.jit_compile))
-    if baseline is not None:
-      row["ratio_wall"] = paired_ratio(timing, baseline)
-      row["ratio_cpu"] = paired_ratio(timing, baseline, "cpu_ms")
-    rows.append(row)
+                 load: tuple, keras3: Optional[dict] = None) -> dict:
+  """Every measured time, the setup notes and the ratios, for results JSON
+  (`keras3`: each backend's gpu_step_time.py results as they came)."""
   return {"settings": {k: v for k, v in settings.items() if k != "output"},
-          "load_average": list(load), "notes": notes, "timings": rows,
+          "load_average": list(load), "notes": notes,
+          "timings": step_timing.rows(timings), "keras3": keras3 or {},
           "machine": platform.platform(), "cpu_count": os.cpu_count(),
           "tensorflow": tf.__version__, "tfmot": tfmot.__version__}
 
@@ -510,6 +541,11 @@ def _settings() -> dict:
   if unknown:
     problems.append(f"Unknown --configs {unknown}; use some of "
                     f"{list(CONFIGS)}.")
+  unknown = [b for b in _KERAS3_BACKENDS.value
+             if b and b not in KERAS3_BACKENDS]
+  if unknown:
+    problems.append(f"Unknown --keras3_backends {unknown}; use some of "
+                    f"{list(KERAS3_BACKENDS)}, or none (empty).")
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     problems.append(f"Unknown --variants {unknown}; use some of "
@@ -527,6 +563,8 @@ def _settings() -> dict:
     raise app.UsageError(" ".join(problems))
   settings["jit_settings"] = [value == "true" for value in jit]
   settings["variants"] = _VARIANTS.value
+  settings["quick"] = quick
+  settings["keras3_backends"] = [b for b in _KERAS3_BACKENDS.value if b]
   settings["command"] = " ".join(["python -m benchmarks.step_time",
                                   *sys.argv[1:]])
   settings["date"] = datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -554,13 +592,17 @@ def main(argv: Sequence[str]) -> None:
         strategy)
     timings += config_timings
     keras.backend.clear_session()
+  keras3 = {}
+  configs = keras3_configs(settings) if settings["keras3_backends"] else []
+  for backend in settings["keras3_backends"] if configs else ():
+    keras3[backend] = time_keras3(backend, configs, settings)
   load = (load_start, os.getloadavg()[0])
-  text = results_markdown(timings, notes, settings, load)
+  text = results_markdown(timings, notes, settings, load, keras3)
   print(text)
   if settings["output"]:
     files.atomic_write(settings["output"], text)
     files.write_json(os.path.splitext(settings["output"])[0] + ".json",
-                     results_json(timings, notes, settings, load))
+                     results_json(timings, notes, settings, load, keras3))
     logging.info("Wrote %s", settings["output"])
 
 
