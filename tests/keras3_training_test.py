@@ -10,6 +10,7 @@ killed with SIGKILL during finetuning and run again. Real tiny runs on the
 digits stand-in of ImageNet (digits_data), a few steps of a 16-image batch.
 """
 
+import functools
 import glob
 import json
 import os
@@ -120,6 +121,29 @@ def _assert_plan_masks(test, workdir: str, fp32_model: keras.Model,
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
 
 
+def _in_a_fresh_process(test):
+  """Runs `test` alone in a new pytest process.
+
+  Under pytest-xdist a worker runs many files in one process; a Keras 3
+  model's collectives under a MirroredStrategy made there can then meet
+  collective instance keys of strategies made by earlier files ("Shape
+  mismatch in the collective instance"), which a trainer, one job per
+  process, never sees.
+  """
+  @functools.wraps(test)
+  def wrapper(self):
+    if os.environ.get("OPQ_FRESH_PROCESS"):
+      return test(self)
+    node = f"{os.path.abspath(__file__)}::{type(self).__name__}::{test.__name__}"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "0", "-q", "-p",
+         "no:cacheprovider", node],
+        env={**os.environ, "OPQ_FRESH_PROCESS": "1"}, capture_output=True,
+        text=True, timeout=1200, check=False)
+    self.assertEqual(result.returncode, 0, result.stdout[-4000:])
+  return wrapper
+
+
 class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
 
   @classmethod
@@ -131,6 +155,7 @@ class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
   def config(self, **overrides):
     return _config(self.data_dir, self.manual_dir, **overrides)
 
+  @_in_a_fresh_process
   def test_whole_job_under_mirrored_strategy(self):
     saved = os.path.join(self.root, "user_model.keras")
     _tiny_model().save(saved)  # a user's model: quicker than small_resnet
@@ -192,6 +217,7 @@ class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     np.testing.assert_array_equal(
         masks[0], wrapping.compressed_kernels(model)[0].mask)
 
+  @_in_a_fresh_process
   def test_two_replicas_match_one_device(self):
     losses, weights = [], []
     for name, strategy in (("one", self.one_device), ("two", self.mirrored)):
