@@ -20,6 +20,7 @@ first used.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import importlib
 from typing import Any
 
@@ -65,11 +66,17 @@ def allocate(model_or_kernels: Any, pruning_rate: float, bits: int | str,
 
   `model_or_kernels` is a tf_keras or Keras 3 model, or a mapping name ->
   kernel array (see `opq_tf.core.allocation.allocate` for every option).
+  For a model, the plan's `fp32` lists the kernel-like weights of layer kinds
+  OPQ does not compress, and why.
   """
-  kernels = model_or_kernels
-  if not isinstance(model_or_kernels, collections.abc.Mapping):
-    kernels = _frontend(model_or_kernels).compressible_kernels(model_or_kernels)
-  return _allocation.allocate(kernels, pruning_rate, bits, method, **options)
+  if isinstance(model_or_kernels, collections.abc.Mapping):
+    return _allocation.allocate(model_or_kernels, pruning_rate, bits, method,
+                                **options)
+  frontend = _frontend(model_or_kernels)
+  plan = _allocation.allocate(frontend.compressible_kernels(model_or_kernels),
+                              pruning_rate, bits, method, **options)
+  return dataclasses.replace(
+      plan, fp32=frontend.fp32_kernels(model_or_kernels))
 
 
 def apply(model: Any, plan: CompressionPlan | None = None, **options: Any):

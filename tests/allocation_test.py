@@ -1,5 +1,6 @@
 """Tests of opq_tf.allocate: the constraint, the optimum, strategies, bad input."""
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -498,6 +499,20 @@ class PlanTest(absltest.TestCase):
     for key in _kernels():
       self.assertIn(key, table)
     self.assertIn("weight-bits ratio", table)
+
+  def test_fp32_weights_round_trip_and_print_and_old_plans_still_load(self):
+    plan = dataclasses.replace(
+        opq_tf.allocate(_kernels(), 0.8, 3),
+        fp32={"up/kernel": "Conv2DTranspose is not a compressed kind"})
+    self.assertEqual(opq_tf.CompressionPlan.from_json(plan.to_json()), plan)
+    self.assertTrue(plan.table().endswith(
+        "left FP32 (1):\n  up/kernel  Conv2DTranspose is not a compressed "
+        "kind"))
+    self.assertNotIn("left FP32", opq_tf.allocate(_kernels(), 0.8, 3).table())
+    data = json.loads(plan.to_json())
+    del data["fp32"]  # a plan.json written before the field existed
+    self.assertEqual(opq_tf.CompressionPlan.from_json(json.dumps(data)).fp32,
+                     {})
 
   def test_old_format_is_refused(self):
     data = json.loads(opq_tf.allocate(_kernels(), 0.8, 3).to_json())

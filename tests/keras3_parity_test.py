@@ -7,11 +7,12 @@ same Conv+BN+depthwise+separable+Dense network, and an attention network
 Dense), is built in both with the same weights; the plans must be equal to
 the last digit, the codes equal and the packed files equal byte for byte.
 Calibration sums float32 statistics in each framework's own order, so it
-agrees within a tolerance instead (see test_calibration_agrees); the
-tf_keras frontend keeps a sublayer's kernels (MultiHeadAttention's) at plain
-rounding, so only the conv network's calibration is compared.
+agrees within a tolerance instead (see test_calibration_agrees), on both
+networks: each frontend reconstructs a sublayer's kernels (MultiHeadAttention's)
+from the sublayer's own input.
 """
 
+import json
 import os
 import tempfile
 
@@ -80,6 +81,14 @@ def _attention_twins():
   for name, variable in target.items():
     variable.assign(source[name].numpy())
   return twin, model
+
+
+def _upsampling_model(k):
+  """A Conv2D then a Conv2DTranspose (not a compressed kind) in Keras `k`."""
+  inputs = k.Input(keras3_models.IMAGE_SHAPE, name="images")
+  x = k.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+  return k.Model(inputs, k.layers.Conv2DTranspose(3, 2, strides=2,
+                                                  name="up")(x))
 
 
 def _packed_bytes(qmodel, directory: str, plan) -> tuple[bytes, dict]:
@@ -178,31 +187,58 @@ class ParityTest(parameterized.TestCase):
     del keras3_report["files"], tf_keras_report["files"]
     self.assertEqual(keras3_report, tf_keras_report)
 
-  def test_calibration_agrees(self):
+  def test_both_frontends_list_what_stays_fp32_in_plan_and_report(self):
+    reason = ("Conv2DTranspose is not a compressed kind (register it with "
+              "opq_tf.register_layer)")
+    for model in (_upsampling_model(tf_keras), _upsampling_model(keras)):
+      frontend = opq_tf.frontend_of(model)
+      plan = opq_tf.allocate(model, pruning_rate=0.5, bits=4)
+      self.assertEqual([k.key for k in plan.kernels], ["conv/kernel"])
+      self.assertEqual(plan.fp32, {"up/kernel": reason}, frontend)
+      self.assertIn(f"left FP32 (1):\n  up/kernel  {reason}", plan.table())
+      self.assertEqual(opq_tf.CompressionPlan.from_json(plan.to_json()), plan)
+      with tempfile.TemporaryDirectory() as directory:
+        report = opq_tf.export(opq_tf.apply(model, plan),
+                               os.path.join(directory, "out"),
+                               formats=("packed",), plan=plan)
+        with open(os.path.join(directory, "out", "report.json")) as f:
+          written = json.load(f)
+      self.assertEqual(report["fp32"], {"up/kernel": reason}, frontend)
+      self.assertEqual(written["fp32"], {"up/kernel": reason}, frontend)
+      self.assertEqual(written["plan"]["fp32"], {"up/kernel": reason})
+
+  @parameterized.named_parameters(
+      ("conv", _twins, lambda: keras3_models.images(96, seed=3), True),
+      ("attention", _attention_twins,
+       lambda: keras3_models.sequences(96, seed=3), False))
+  def test_calibration_agrees(self, make_twins, make_samples, batchnorm):
     """BatchNorm statistics within 1e-4 (relative), >= 98% of the codes equal
     and output errors within 5% of each other: the statistics are float32
     sums in each framework's order, so a code at a rounding boundary may
     fall either way, and each flip moves the later layers' inputs a little."""
-    twin, model = _twins()
+    twin, model = make_twins()
     plan = opq_tf.allocate(twin, pruning_rate=0.6, bits=4)
     tf_keras_q = opq_tf.apply(twin, plan)
     keras3_q = opq_tf.apply(model, plan)
-    images = keras3_models.images(96, seed=3)
+    samples = make_samples()
     tf_keras_report, keras3_report = (
-        opq_tf.calibrate(qmodel, images, reconstruct=True, batch_size=32,
-                         verbose=False)
+        opq_tf.calibrate(qmodel, samples, batchnorm=batchnorm,
+                         reconstruct=True, batch_size=32, verbose=False)
         for qmodel in (tf_keras_q, keras3_q))
-    for name in ("moving_mean", "moving_variance"):
-      np.testing.assert_allclose(
-          getattr(keras3_q.get_layer("bn"), name).numpy(),
-          getattr(tf_keras_q.get_layer("bn"), name).numpy(),
-          rtol=1e-4, atol=1e-6, err_msg=name)
+    if batchnorm:
+      for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(
+            getattr(keras3_q.get_layer("bn"), name).numpy(),
+            getattr(tf_keras_q.get_layer("bn"), name).numpy(),
+            rtol=1e-4, atol=1e-6, err_msg=name)
     expected = {k.key: k for k in tf_keras_wrapping.compressed_kernels(
         tf_keras_q)}
     for kernel in keras3_wrapping.compressed_kernels(keras3_q):
       equal = np.mean(kernel.codes == expected[kernel.key].codes)
       self.assertGreaterEqual(equal, 0.98, kernel.key)
     rows = keras3_report.kernels
+    self.assertEqual(list(rows), list(tf_keras_report.kernels))
+    self.assertIn("reconstructed", {row.method for row in rows.values()})
     for key, row in tf_keras_report.kernels.items():
       self.assertEqual(rows[key].method, row.method, key)
       self.assertAlmostEqual(rows[key].error_before, row.error_before,

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -10,7 +11,10 @@ import opq_tf
 from opq_tf.tf_keras import wrapping
 from opq_tf.tf_keras import layers as layers_lib
 from opq_tf.tf_keras._keras import keras, tf, tfmot
-from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig, register_layer
+from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig
+from opq_tf.tf_keras.quantize_configs import OPQQuantizeRegistry
+from opq_tf.tf_keras.quantize_configs import register_layer
+from opq_tf.tf_keras.scheme import OPQQuantizeScheme
 from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 
@@ -125,6 +129,39 @@ class RegisterLayerTest(absltest.TestCase):
                                   entry.compressed)
     np.testing.assert_allclose(stripped(inputs).numpy(), qmodel(inputs).numpy(),
                                atol=1e-5)
+
+  def test_the_schemes_registry_sees_a_registered_kind_and_apply_uses_it(
+      self):
+    model = self._model()
+    scaled = model.get_layer("scaled")
+    self.assertFalse(
+        OPQQuantizeScheme().get_quantize_registry().supports(scaled))
+    register_layer(ScaledDense, ["kernel"])
+    plan = opq_tf.allocate(model, pruning_rate=0.5, bits=3)
+    scheme = OPQQuantizeScheme(plan)
+    self.assertIsInstance(scheme, tfmot.quantization.keras.QuantizeScheme)
+    registry = scheme.get_quantize_registry()
+    self.assertIsInstance(registry, tfmot.quantization.keras.QuantizeRegistry)
+    self.assertTrue(registry.supports(scaled))
+    config = registry.get_quantize_config(scaled)
+    self.assertEqual(config.weight_attrs, ("kernel",))
+    self.assertEqual(config.weight_quantizers["kernel"].threshold,
+                     plan.by_key()["scaled/kernel"].threshold)
+
+    asked = []
+    real = OPQQuantizeRegistry.get_quantize_config
+
+    def recorded(registry, layer):
+      asked.append(layer.name)
+      return real(registry, layer)
+
+    with mock.patch.object(OPQQuantizeRegistry, "get_quantize_config",
+                           autospec=True, side_effect=recorded):
+      qmodel = opq_tf.apply(model, plan)
+    self.assertEqual(asked, ["dense", "scaled"])
+    self.assertEqual(qmodel.get_layer("quant_scaled").quantize_config, config)
+    with self.assertRaisesRegex(ValueError, "Conv2DTranspose.*register_layer"):
+      registry.get_quantize_config(keras.layers.Conv2DTranspose(2, 3))
 
   def test_registered_channel_axes_reach_the_allocation(self):
     # A depthwise-like layer registered with channel axes (-2, -1) gets the

@@ -120,7 +120,13 @@ class KernelPlan:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionPlan:
-  """Per-kernel thresholds and steps, plus the request that produced them."""
+  """Per-kernel thresholds and steps, plus the request that produced them.
+
+  `skipped`: kernels the overrides left FP32. `fp32`: kernel-like weights of
+  layer kinds OPQ does not compress (a Conv2DTranspose) -> why, as
+  `opq_tf.allocate(model, ...)` finds them (empty for a mapping of kernels,
+  and in a plan.json written before the field existed).
+  """
 
   method: str
   objective: str
@@ -132,6 +138,7 @@ class CompressionPlan:
   kernels: list[KernelPlan]
   skipped: list[str] = dataclasses.field(default_factory=list)
   average_bits: Optional[float] = None  # the budget of a "mixed" plan
+  fp32: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def realised_average_bits(self) -> float:
@@ -238,6 +245,11 @@ class CompressionPlan:
         + (f", FP32: {', '.join(self.skipped)}" if self.skipped else "")
         + ("" if self.step_granularity == "kernel" else
            "; 'step' shows the median of the channel steps ~ their count"))
+    if self.fp32:
+      lines.append(f"left FP32 ({len(self.fp32)}):")
+      width = max(len(key) for key in self.fp32)
+      lines += [f"  {key.ljust(width)}  {reason}"
+                for key, reason in self.fp32.items()]
     return "\n".join(lines)
 
 

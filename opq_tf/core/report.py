@@ -21,11 +21,14 @@ from opq_tf.core import contract
 from opq_tf.core import grid
 from opq_tf.core import packing
 
+FILE = "report.json"  # its name in every export directory, either frontend's
+
 
 def build(kernels: Sequence[contract.CompressedKernel],
           packed: Sequence[packing.PackedKernel], rest: Mapping[str, np.ndarray],
           stats: packing.PackStats, plan: Optional[Any] = None,
-          files: Optional[Mapping[str, str]] = None) -> dict:
+          files: Optional[Mapping[str, str]] = None,
+          fp32: Optional[Mapping[str, str]] = None) -> dict:
   """report.json contents: plan, totals and per-kernel realised figures.
 
   Args:
@@ -35,6 +38,8 @@ def build(kernels: Sequence[contract.CompressedKernel],
     stats: what `packing.write_packed` measured.
     plan: the `CompressionPlan`, recorded as JSON when given.
     files: format -> file or folder name, as the export wrote them.
+    fp32: kernel-like weights left FP32 -> why (the frontend's
+      `fp32_kernels` of the exported model), stored among `rest`.
   """
   kernel_reports = []
   total_weights = kept_weights = entropy_bits = 0.0
@@ -86,6 +91,7 @@ def build(kernels: Sequence[contract.CompressedKernel],
       "realised_pruning_rate": 1.0 - kept_weights / total_weights,
       "fp32_rest_parameters": rest_parameters,
       "kernels": kernel_reports,
+      "fp32": dict(fp32 or {}),
       "plan": json.loads(plan.to_json()) if plan is not None else None,
       "files": dict(files or {}),
   }

@@ -2,9 +2,9 @@
 
 from opq_tf.keras3.calibration import calibrate
 from opq_tf.keras3.exporting import export, load_packed
-from opq_tf.keras3.layers import compressible_kernels
+from opq_tf.keras3.layers import compressible_kernels, fp32_kernels
 from opq_tf.keras3.quantize_configs import register_layer
 from opq_tf.keras3.wrapping import apply, strip
 
 __all__ = ["apply", "calibrate", "compressible_kernels", "export",
-           "load_packed", "register_layer", "strip"]
+           "fp32_kernels", "load_packed", "register_layer", "strip"]

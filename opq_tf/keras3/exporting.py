@@ -237,7 +237,8 @@ def export(
       stats = packing.write_packed(os.path.join(temp, PACKED_FILE), packed,
                                    rest)
       report = report_lib.build(kernels, packed, rest, stats, plan=plan,
-                                files=written)
+                                files=written,
+                                fp32=layers_lib.fp32_kernels(stripped))
       if litert_facts is not None:
         report["litert"] = litert_facts
       files.write_json(os.path.join(temp, REPORT_FILE), report)

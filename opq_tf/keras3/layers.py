@@ -294,3 +294,27 @@ def check_keras_model(model: Any, verb: str) -> None:
     raise ValueError(
         f"Model {model.name!r} is not built, so it has no weights yet; give "
         "it an input shape (keras.Input) or call it on a batch first.")
+
+
+# Weight names that mark a kernel in a layer OPQ does not compress, as in
+# tf_keras (`opq_tf.tf_keras.layers.DECAYED_WEIGHTS`).
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+
+def fp32_kernels(model: keras.Model) -> dict[str, str]:
+  """Kernel-like weights OPQ leaves FP32 -> why, for plans and reports.
+
+  Every weight named as a kernel of a layer, or sublayer, whose kind is not
+  in `quantize_configs.CONFIGS`, keyed as the tf_keras frontend keys it, e.g.
+  {"up/kernel": "Conv2DTranspose is not a compressed kind (register it with
+  opq_tf.register_layer)"}; biases and normalisation weights are not listed.
+  """
+  compressed = {id(site.variable) for site in kernel_sites(model).values()}
+  reasons = {}
+  for path, layer, *_ in iter_layers(model):
+    for variable_id, name in weight_names(layer).items():
+      if variable_id not in compressed and name in _KERNEL_NAMES:
+        reasons[f"{path}/{name}"] = (
+            f"{type(layer).__name__} is not a compressed kind (register it "
+            "with opq_tf.register_layer)")
+  return reasons

@@ -31,7 +31,8 @@ Two repairs, both with masks and steps fixed (docs/method.md part D):
   layer with a bias then absorbs its output's mean error into the bias (bias
   correction; this needs only the mean input, so it is done for kernels with
   too few samples to reconstruct as well, such as a classifier). Convolutions
-  use im2col patches, depthwise kernels one H per input channel. A
+  use im2col patches, depthwise kernels one H per input channel, an
+  EinsumDense its input flattened over the dimensions it contracts. A
   SeparableConv2D is one layer: its pointwise kernel's X and Z are the
   compressed and FP32 depthwise outputs, so it also absorbs the depthwise
   kernel's remaining error. Wrapped models get latent kernels equal to the
@@ -47,7 +48,11 @@ outputs of the nodes before it (`opq_tf.core.activations`: in memory up to
 the walk reaches it, before it runs. Each layer therefore runs once per batch
 and network, instead of the whole prefix once per kernel: the same numbers
 (tests/calibration_test.py checks it against prefixes run from the images on
-a residual block) at a cost that grows linearly with depth.
+a residual block) at a cost that grows linearly with depth. A kernel of a
+sublayer (a MultiHeadAttention's four EinsumDense projections, a custom
+block's Dense) takes the sublayer's own input, caught by hooking the
+sublayer's `call` while its node runs on the cached inputs, sublayer by
+sublayer in the order the layer calls them (`_reconstruct_node`).
 
 Reconstruction fits each kernel to the calibration samples, so it overfits
 kernels that see too few of them: measured on ImageNet, 128 images lowered
@@ -69,6 +74,7 @@ from absl import logging
 import numpy as np
 
 from opq_tf.core import activations
+from opq_tf.core import einsum
 from opq_tf.core import grid
 from opq_tf.core.contract import CompressedKernel
 from opq_tf.core import reconstruction
@@ -93,7 +99,9 @@ class _Kernel:
 
   key: str
   layer: keras.layers.Layer  # the Conv2D/Dense/... that owns the kernel
-  node_layer: keras.layers.Layer  # the layer in the graph (wrapper or layer)
+  # The layer of the graph that calls it (a wrapper, or the layer itself,
+  # or the MultiHeadAttention / custom block whose sublayer `layer` is).
+  node_layer: keras.layers.Layer
   attr: str
   variable: tf.Variable  # latent kernel (wrapped) or compressed kernel (plain)
   target: np.ndarray  # FP32 kernel the layer should reproduce
@@ -105,6 +113,23 @@ class _Kernel:
   def compressed(self) -> np.ndarray:
     """The kernel the model uses now: mask * step * codes of the variable."""
     return grid.compress(self.variable.numpy(), self.step, self.bits, self.mask)
+
+  @property
+  def path(self) -> str:
+    """The kernel's attribute path in the graph's layer
+    ("_query_dense/kernel")."""
+    return self.key.partition("/")[2]
+
+  @property
+  def sublayer(self) -> str:
+    """The owner's attribute path in the graph's layer ("_query_dense"), or
+    "" when that layer owns the kernel itself."""
+    return self.path.rpartition("/")[0]
+
+
+class _Stop(BaseException):
+  """Ends a layer's call once a sublayer's input is caught (a BaseException,
+  so that no `except Exception` inside Keras rewraps it)."""
 
 
 def calibrate(
@@ -296,7 +321,7 @@ def _compressed_kernels(model, recorded) -> list[_Kernel]:
           f"{model.name!r} has no such weight; pass the kernels of the "
           "wrapped model this one was stripped from, unmodified in structure.")
     kernels.append(_Kernel(
-        key=entry.key, layer=layer, node_layer=layer, attr=attr,
+        key=entry.key, layer=layer, node_layer=by_name[name], attr=attr,
         variable=variable, target=np.asarray(entry.kernel, np.float32),
         mask=np.asarray(entry.mask) > 0,
         step=_step_for(entry.step, variable.shape, entry.channel_axes),
@@ -431,23 +456,31 @@ def _batch_statistics_call(layer, records: list) -> Callable:
 
 
 @contextlib.contextmanager
+def _hooked(layers_and_calls):
+  """Inside, each layer's `call` is replaced (an instance attribute, which
+  the layer's `__call__` reads before the class's method)."""
+  originals = []
+  try:
+    for layer, call in layers_and_calls:
+      originals.append((layer, layer.__dict__.get("call")))
+      layer.call = call
+    yield
+  finally:
+    for layer, original in reversed(originals):
+      if original is None:
+        del layer.call
+      else:
+        layer.call = original
+
+
 def _batch_statistics_mode(bn_layers, records: Optional[list] = None):
   """Every BatchNorm in `bn_layers` normalises by batch statistics inside.
 
   Traced calls append (layer, mean, variance, batch size) to `records`.
   """
   records = [] if records is None else records
-  originals = {layer: layer.__dict__.get("call") for layer in bn_layers}
-  try:
-    for layer in bn_layers:
-      layer.call = _batch_statistics_call(layer, records)
-    yield
-  finally:
-    for layer, original in originals.items():
-      if original is None:
-        del layer.call
-      else:
-        layer.call = original
+  return _hooked([(layer, _batch_statistics_call(layer, records))
+                  for layer in bn_layers])
 
 
 def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
@@ -551,14 +584,12 @@ def _reconstruct_layer_by_layer(
       inputs = [{tensor: cache.take((label, tensor))
                  for tensor in set(walk_nodes[position].flat_input_ids)}
                 for label, _, walk_nodes in walks]
-      for kernel in kernels_at.pop(id(node.layer), ()):
-        layer_inputs = [values[str(id(_layer_input(graph,
-                                                   walk_nodes[position].layer)))]
-                        for (_, graph, walk_nodes), values in zip(walks, inputs)]
-        rows[kernel.key] = _reconstruct_kernel(
-            kernel, kernels, layer_inputs[0], layer_inputs[-1], damping,
-            min_samples_per_weight)
-        progress.done(kernel.key, rows[kernel.key].method)
+      at_node = kernels_at.pop(id(node.layer), ())
+      if at_node:
+        rows.update(_reconstruct_node(
+            at_node, [(graph, walk_nodes[position], values) for
+                      (_, graph, walk_nodes), values in zip(walks, inputs)],
+            kernels, damping, min_samples_per_weight, progress, records))
       if not kernels_at:
         break
       for (label, _, walk_nodes), values in zip(walks, inputs):
@@ -594,9 +625,7 @@ def _plain_names(nodes) -> list[tuple[str, int]]:
   of that layer came before), the same in a model and its stripped copy."""
   names, seen = [], collections.Counter()
   for node in nodes:
-    layer = node.layer
-    if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
-      layer = layer.layer
+    layer = _unwrapped(node.layer)
     names.append((layer.name, seen[layer.name]))
     seen[layer.name] += 1
   return names
@@ -619,24 +648,146 @@ def _run_node(node, values: dict) -> list[tf.Tensor]:
   return tf.nest.flatten(node.layer(*args, **kwargs))
 
 
+def _reconstruct_node(node_kernels: Sequence[_Kernel], walks: list,
+                      kernels: list[_Kernel], damping: float,
+                      min_samples_per_weight: float, progress,
+                      records: list) -> dict[str, KernelCalibration]:
+  """Reconstructs the kernels one graph node calls, before the node runs.
+
+  `walks`: per network (compressed, then FP32 if copied), (graph, its node,
+  the node's cached inputs per tensor, a list of batches each). A kernel of
+  the node's layer itself takes the layer's input from the cache. A kernel of
+  a sublayer (a MultiHeadAttention's projections, a custom block's Dense)
+  takes the sublayer's input, which no graph node exposes: the node runs on
+  its cached inputs with the sublayer's `call` hooked, one batch at a time,
+  until the sublayer is reached. Sublayers go in the order the layer calls
+  them, each after the ones before it are reconstructed, so the attention's
+  output projection sees its reconstructed query, key and value projections.
+  The cost stays one (partial) run of the node per sublayer and batch: linear
+  in depth, as the walk.
+  """
+  rows = {}
+  direct = [kernel for kernel in node_kernels if not kernel.sublayer]
+  if direct:
+    inputs = [values[str(id(_layer_input(graph, node.layer)))]
+              for graph, node, values in walks]
+    batches = list(zip(inputs[0], inputs[-1]))
+    for kernel in direct:
+      rows[kernel.key] = _reconstruct_kernel(
+          kernel, kernels, batches, damping, min_samples_per_weight)
+      progress.done(kernel.key, rows[kernel.key].method)
+  nested = [kernel for kernel in node_kernels if kernel.sublayer]
+  if not nested:
+    return rows
+  _, node, values = walks[0]
+  order, calls = _sublayer_calls(
+      node, [kernel.layer for kernel in nested],
+      {tensor: per_batch[0] for tensor, per_batch in values.items()})
+  records.clear()
+  for kernel in sorted(nested, key=lambda k: order.get(id(k.layer), np.inf)):
+    count = calls.get(id(kernel.layer), 0)
+    if count != 1:
+      layer_name = kernel.key.partition("/")[0]
+      rows[kernel.key] = KernelCalibration("plain rounding", (
+          f"sublayer {kernel.sublayer!r} is called {count} times in each "
+          f"call of {layer_name!r} (shared)" if count else
+          f"sublayer {kernel.sublayer!r} is not called when {layer_name!r} "
+          "runs"))
+    else:
+      owners = [kernel.layer] + [
+          layers_lib.owner_of(_unwrapped(node.layer), kernel.path)[0]
+          for _, node, _ in walks[1:]]
+      rows[kernel.key] = _reconstruct_kernel(
+          kernel, kernels, _sublayer_inputs(walks, owners, records), damping,
+          min_samples_per_weight)
+    progress.done(kernel.key, rows[kernel.key].method)
+  return rows
+
+
+def _unwrapped(layer):
+  if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+    return layer.layer
+  return layer
+
+
+def _sublayer_calls(node, owners, values: dict
+                    ) -> tuple[dict[int, int], dict[int, int]]:
+  """(id(owner) -> position of its first call, id(owner) -> its number of
+  calls) when the node runs once on `values`."""
+  order, calls = {}, {}
+
+  def recorder(owner):
+    original = owner.call
+
+    def call(*args, **kwargs):
+      order.setdefault(id(owner), len(order))
+      calls[id(owner)] = calls.get(id(owner), 0) + 1
+      return original(*args, **kwargs)
+
+    return call
+
+  unique = {id(owner): owner for owner in owners}.values()
+  with _hooked([(owner, recorder(owner)) for owner in unique]):
+    _run_node(node, values)
+  return order, calls
+
+
+def _sublayer_inputs(walks: list, owners: list, records: list):
+  """Yields (X, Z) per batch: the input of `owners[0]` in the compressed
+  network's node, and of its twin `owners[-1]` in the FP32 network's."""
+  count = len(next(iter(walks[0][2].values())))
+  for index in range(count):
+    captured = []
+    for (_, node, values), owner in zip(walks, owners):
+      captured.append(_capture(node, owner, {
+          tensor: batches[index] for tensor, batches in values.items()}))
+      records.clear()
+    yield captured[0], captured[-1]
+
+
+def _capture(node, owner, values: dict) -> tf.Tensor:
+  """`owner`'s first input when `node` runs on `values` (up to that call)."""
+  captured = []
+
+  def call(*args, **kwargs):
+    captured.append(args[0] if args else kwargs["inputs"])
+    raise _Stop()
+
+  with _hooked([(owner, call)]):
+    try:
+      _run_node(node, values)
+    except _Stop:
+      pass
+  if not captured:
+    raise ValueError(
+        f"Sublayer {owner.name!r} was called on the first calibration batch "
+        "but not on a later one; its layer calls it depending on the data. "
+        "Calibrate with batches that all take the same path.")
+  return captured[0]
+
+
 def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
-                        inputs: list, targets: list, damping: float,
+                        batches, damping: float,
                         min_samples_per_weight: float) -> KernelCalibration:
-  """Reconstructs one kernel in place from its layer's inputs, per batch, in
-  the compressed (X) and the FP32 network (Z); returns its summary row."""
+  """Reconstructs one kernel in place from its layer's inputs, per batch
+  (X, Z) in the compressed and the FP32 network (an iterable, consumed once);
+  returns its summary row."""
   columns_of, target_columns_of, to_rows, from_rows, reason = _layout(
       kernel, kernels)
   if columns_of is None:
     return KernelCalibration("plain rounding", reason)
-  input_spec = tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), tf.float32)
-  # One trace per kernel; a concrete function keeps TF's retracing warning
-  # (meant for accidental retracing) quiet.
-  statistics_of = tf.function(
-      functools.partial(_statistics, columns_of, target_columns_of),
-      input_signature=[input_spec, input_spec]).get_concrete_function()
+  statistics_of = None
   patch_width = int(np.prod(kernel.target.shape[:-1]))
   sums, samples = None, 0
-  for batch_inputs, batch_targets in zip(inputs, targets):
+  for batch_inputs, batch_targets in batches:
+    if statistics_of is None:
+      input_spec = tf.TensorSpec((None,) + tuple(batch_inputs.shape[1:]),
+                                 tf.float32)
+      # One trace per kernel; a concrete function keeps TF's retracing
+      # warning (meant for accidental retracing) quiet.
+      statistics_of = tf.function(
+          functools.partial(_statistics, columns_of, target_columns_of),
+          input_signature=[input_spec, input_spec]).get_concrete_function()
     # im2col copies every input kh * kw times: bound its memory per call.
     patch_bytes = 4 * patch_width * max(1, int(np.prod(
         batch_inputs.shape[1:-1])))
@@ -677,14 +828,28 @@ def _assign_on_grid(kernel: _Kernel, compressed: np.ndarray) -> None:
 
 
 def _bias_of(kernel: _Kernel) -> Optional[tf.Variable]:
-  """The bias added to the kernel's output, if its layer has one (not for a
-  SeparableConv2D's depthwise half: the bias follows the pointwise one)."""
+  """The bias added to the kernel's output, if its layer has one with one
+  value per output (not for a SeparableConv2D's depthwise half: the bias
+  follows the pointwise one; not for an EinsumDense whose bias_axes leave
+  out some output dimension)."""
   rules = layers_lib.KERNELS[type(kernel.layer)]
   if (rules[kernel.attr].reconstruction == "depthwise"
       and any(r.reconstruction == "pointwise" for r in rules.values())):
     return None
   bias = getattr(kernel.layer, "bias", None)
-  return bias if isinstance(bias, tf.Variable) else None
+  if not isinstance(bias, tf.Variable):
+    return None
+  shape, layout = kernel.target.shape, rules[kernel.attr].reconstruction
+  if layout == "depthwise":
+    outputs = shape[-2] * shape[-1]
+  elif layout == "einsum":
+    contracted = einsum.contracted_dims(kernel.layer.equation)
+    if contracted is None:  # not reconstructed: no output rows to match
+      return None
+    outputs = int(np.prod(shape[contracted:]))
+  else:
+    outputs = shape[-1]
+  return bias if int(np.prod(bias.shape)) == outputs else None
 
 
 def _layer_input(model, layer):
@@ -744,6 +909,18 @@ def _layout(kernel: _Kernel, kernels: list[_Kernel]):
     compressed, fp32 = (_depthwise_output_fn(layer, value, shape[-2])
                         for value in depthwise)
     return compressed, fp32, *flat_rows, ""
+  if layout == "einsum":
+    # A Dense over the input's last `contracted` dimensions (as in Keras 3).
+    contracted = einsum.contracted_dims(layer.equation)
+    if contracted is None:
+      return unsupported(
+          f"EinsumDense {layer.equation!r} does not contract its input's "
+          "last dimensions with the kernel's first ones")
+    width = int(np.prod(shape[:contracted]))
+    outputs = int(np.prod(shape[contracted:]))
+    columns = lambda x: tf.reshape(x, (-1, width, 1))
+    return (columns, columns, lambda a: a.reshape(width, outputs).T[None],
+            lambda rows: rows[0].T.reshape(shape), "")
   return unsupported(
       f"{type(layer).__name__}/{kernel.attr} has no reconstruction layout; "
       "register it with like=<the built-in kind it computes> to reconstruct "

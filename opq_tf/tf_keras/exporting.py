@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 
 from opq_tf.core import files
 from opq_tf.core import report as report_lib
+from opq_tf.tf_keras import layers as layers_lib
 from opq_tf.tf_keras import packed as packed_lib
 from opq_tf.tf_keras import saved_model as saved_model_lib
 from opq_tf.tf_keras._keras import keras, tf
@@ -157,7 +158,8 @@ def export(
             int8_activations=litert_int8_activations,
             representative_data=representative_data, weights=litert_weights)
         written["litert"] = litert_lib.LITERT_FILE
-      report = report_lib.build(kernels, packed, rest, stats, plan, written)
+      report = report_lib.build(kernels, packed, rest, stats, plan, written,
+                                layers_lib.fp32_kernels(stripped))
       if litert_facts is not None:
         report["litert"] = litert_facts
       files.write_json(os.path.join(temp, REPORT_FILE), report)

@@ -16,7 +16,7 @@ everywhere or refused with a message that names what is missing.
 | DepthwiseConv2D        | `depthwise_kernel`  | (-2, -1)     | depthwise      | DEPTHWISE_CONV_2D |
 | SeparableConv2D        | `depthwise_kernel`  | (-2, -1)     | depthwise      | DEPTHWISE_CONV_2D |
 |                        | `pointwise_kernel`  | (-1,)        | pointwise      | CONV_2D           |
-| EinsumDense            | `kernel`            | its equation | (none)         | FULLY_CONNECTED   |
+| EinsumDense            | `kernel`            | its equation | einsum         | FULLY_CONNECTED   |
 
 An EinsumDense kernel's channel axes are its dimensions that survive into the
 output (`opq_tf.core.einsum.channel_axes`, as in the Keras 3 frontend):
@@ -46,7 +46,7 @@ from opq_tf.core import einsum
 from opq_tf.core.contract import Kernel
 from opq_tf.core.grid import DEPTHWISE_CHANNELS, OUTPUT_CHANNEL
 
-RECONSTRUCTIONS = ("dense", "conv", "depthwise", "pointwise")
+RECONSTRUCTIONS = ("dense", "conv", "depthwise", "pointwise", "einsum")
 LITERT_OPS = ("fully_connected", "conv_2d", "depthwise_conv_2d")
 # Weights that the trainers decay in layers outside the table (FP32 layers
 # such as Conv2DTranspose or EinsumDense), by the Keras attribute convention.
@@ -60,7 +60,8 @@ class WeightRule:
   reconstruction: how calibrate lays out the layer's inputs to reconstruct
     the kernel ("dense": flattened input; "conv": im2col patches; "depthwise":
     patches per input channel; "pointwise": a SeparableConv2D's depthwise
-    output), or None: the kernel keeps plain rounding, and the report says so.
+    output; "einsum": the input flattened over the dimensions the equation
+    contracts), or None: the kernel keeps plain rounding, and the report says so.
   litert: the LiteRT op whose filter holds the codes, or None: LiteRT export
     refuses the model, naming the kind.
   channel_axes: None means "read off the layer's einsum equation"
@@ -77,7 +78,7 @@ _DENSE = WeightRule(OUTPUT_CHANNEL, "dense", "fully_connected")
 _CONV = WeightRule(OUTPUT_CHANNEL, "conv", "conv_2d")
 _DEPTHWISE = WeightRule(DEPTHWISE_CHANNELS, "depthwise", "depthwise_conv_2d")
 _POINTWISE = WeightRule(OUTPUT_CHANNEL, "pointwise", "conv_2d")
-_EINSUM = WeightRule(None, None, "fully_connected")
+_EINSUM = WeightRule(None, "einsum", "fully_connected")
 
 # layer class -> {compressed weight attribute: its rule}, in order.
 KERNELS: dict[type, dict[str, WeightRule]] = {

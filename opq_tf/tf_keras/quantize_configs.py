@@ -7,7 +7,9 @@ tfmot's own `MovingAverageQuantizer` (asymmetric, per-tensor).
 
 The layer kinds, their weight attributes and channel axes live in
 `opq_tf.tf_keras.layers.KERNELS`, the layer table; `register_layer` adds a
-user's layer class to it.
+user's layer class to it. `OPQQuantizeRegistry` is tfmot's view of that table
+for one plan: which layers it supports and the config of each, what `apply`
+wraps every layer with (through `opq_tf.tf_keras.scheme.OPQQuantizeScheme`).
 """
 
 import dataclasses
@@ -189,6 +191,64 @@ class OPQQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
   def __ne__(self, other):
     return not self.__eq__(other)
+
+
+class OPQQuantizeRegistry(tfmot.quantization.keras.QuantizeRegistry):
+  """tfmot's registry over the layer table, for one `CompressionPlan`.
+
+  A layer is supported when its class, or a sublayer's (a MultiHeadAttention's
+  EinsumDense projections), is in `layers.KERNELS`: the built-in kinds and
+  every kind `register_layer` added, so registering a kind is all it takes
+  for `apply` to wrap it. Its config holds one `OPQWeightQuantizer` per
+  kernel the plan gives it (by key, "<layer name>/<weight path>").
+
+  ```python
+  registry = OPQQuantizeRegistry(opq_tf.allocate(model, 0.5, 4))
+  layer = model.get_layer("conv")
+  registry.supports(layer)                 # True: Conv2D is in the table
+  registry.get_quantize_config(layer)      # OPQQuantizeConfig({"kernel": ...})
+  ```
+  """
+
+  def __init__(self, plan=None, quantize_activations: bool = False):
+    """Constructs the registry.
+
+    Args:
+      plan: the `CompressionPlan` whose thresholds and steps the configs
+        hold; without one, `supports` answers and `get_quantize_config`
+        refuses.
+      quantize_activations: the configs also quantize each wrapped layer's
+        output to 8 bits.
+    """
+    self._planned = {}
+    for planned in (plan.kernels if plan is not None else ()):
+      name, _, attr = planned.key.partition("/")
+      self._planned.setdefault(name, {})[attr] = planned
+    self._quantize_activations = bool(quantize_activations)
+
+  def supports(self, layer) -> bool:
+    return bool(layers_lib.kernel_attrs(layer))
+
+  def planned(self, layer) -> bool:
+    """True if the plan compresses some kernel of `layer`."""
+    return layer.name in self._planned
+
+  def get_quantize_config(self, layer) -> "OPQQuantizeConfig":
+    if not self.supports(layer):
+      raise ValueError(
+          f"Layer {layer.name!r} ({type(layer).__name__}) holds no kernel of "
+          "a compressed kind; register its class with opq_tf.register_layer "
+          "to compress it, or leave it out of the plan.")
+    planned = self._planned.get(layer.name)
+    if not planned:
+      raise ValueError(
+          f"The plan compresses no kernel of layer {layer.name!r}; make the "
+          "plan with opq_tf.allocate on this model.")
+    return OPQQuantizeConfig(
+        {attr: OPQWeightQuantizer(kernel.bits, kernel.step, kernel.threshold,
+                                  kernel.channel_axes)
+         for attr, kernel in planned.items()},
+        self._quantize_activations)
 
 
 @keras.utils.register_keras_serializable(package="opq_tf")

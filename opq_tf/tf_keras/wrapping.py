@@ -7,11 +7,11 @@
 
 Each planned layer of a copy of the model is wrapped in an
 `OPQQuantizeWrapper` (tfmot's `QuantizeWrapperV2`, which also takes
-several inputs and sublayers' kernels, as a MultiHeadAttention's) with an
-`OPQQuantizeConfig` (one `OPQWeightQuantizer` per compressed kernel); every
-other layer is left as it is. This is what tfmot's `quantize_apply` does with
-a scheme that adds nothing to the plan, without its one-input annotation
-wrapper. After wrapping, each quantizer's `mask` variable is set to
+several inputs and sublayers' kernels, as a MultiHeadAttention's) with the
+`OPQQuantizeConfig` (one `OPQWeightQuantizer` per compressed kernel) that
+`OPQQuantizeScheme`'s registry gives it; every other layer is left as it is.
+This is what tfmot's `quantize_apply` does with that scheme, without its
+one-input annotation wrapper. After wrapping, each quantizer's `mask` variable is set to
 `|w| >= threshold` on the pre-trained weights and its `step` to the plan's
 step; both are non-trainable and never recomputed.
 """
@@ -25,10 +25,10 @@ from opq_tf.core.contract import CompressedKernel
 from opq_tf.tf_keras import flatten as flatten_lib
 from opq_tf.core import grid
 from opq_tf.tf_keras import layers as layers_lib
+from opq_tf.tf_keras import scheme as scheme_lib
 from opq_tf.tf_keras._keras import keras, tf, tfmot
 from opq_tf.tf_keras.quantize_configs import OPQQuantizeConfig
 from opq_tf.tf_keras.quantize_configs import OPQQuantizeWrapper
-from opq_tf.tf_keras.quantizers import OPQWeightQuantizer
 
 _tfmot_keras = tfmot.quantization.keras
 
@@ -63,7 +63,8 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
-  """Layer name -> OPQQuantizeConfig for every layer named in `plan`."""
+  """Layer name -> OPQQuantizeConfig for every layer named in `plan`, from
+  `OPQQuantizeScheme`'s registry."""
   by_name = {layer.name: layer for layer in layers_lib.iter_layers(model)}
 
   def matches(planned) -> bool:
@@ -84,13 +85,10 @@ def _configs_for(model: keras.Model, plan, quantize_activations: bool) -> dict:
         f"have another shape there): {missing[:5]}"
         f"{' ...' if len(missing) > 5 else ''}; make the plan with "
         "opq_tf.allocate on this model.")
-  quantizers = {}
-  for planned in plan.kernels:
-    name, attr = _split(planned.key)
-    quantizers.setdefault(name, {})[attr] = OPQWeightQuantizer(
-        planned.bits, planned.step, planned.threshold, planned.channel_axes)
-  return {name: OPQQuantizeConfig(by_weight, quantize_activations)
-          for name, by_weight in quantizers.items()}
+  registry = scheme_lib.OPQQuantizeScheme(
+      plan, quantize_activations).get_quantize_registry()
+  return {name: registry.get_quantize_config(layer)
+          for name, layer in by_name.items() if registry.planned(layer)}
 
 
 def apply(
