@@ -9,6 +9,7 @@ two-process DataParallel test (KERAS_DISTRIBUTION_* set by the caller).
 """
 
 import glob
+import json
 import os
 import sys
 
@@ -26,11 +27,12 @@ import numpy as np  # noqa: E402
 from configs import default  # noqa: E402
 import opq_tf  # noqa: E402
 from opq_tf.keras3 import wrapping  # noqa: E402
+from opq_tf.training import checks  # noqa: E402
 from opq_tf.training import keras3_distribute  # noqa: E402
 from opq_tf.training import keras3_loop  # noqa: E402
 from opq_tf.training import keras3_models  # noqa: E402
-from opq_tf.training import keras3_training  # noqa: E402
 from opq_tf.training import layout  # noqa: E402
+from opq_tf.training import training  # noqa: E402
 
 DATA_DIR = os.environ.get("OPQ_DIGITS_DATA_DIR", "")
 
@@ -126,7 +128,7 @@ class JaxTrainingTest(absltest.TestCase):
     cfg = config(model=f"saved:{saved}")
     strategy = keras3_distribute.make_strategy(cfg, "mirrored")
     workdir = os.path.join(self.root, "job")
-    report = keras3_training.train_and_evaluate(cfg, workdir, strategy)
+    report = training.train_and_evaluate(cfg, workdir, strategy)
     self.assertEqual((report["frontend"], report["backend"], report["replicas"]),
                      ("keras3", "jax", 2))
     self.assertEqual(report["accuracy"]["compressed_after_finetune"]["examples"],
@@ -146,10 +148,28 @@ class JaxTrainingTest(absltest.TestCase):
     # A rerun resumes: nothing left to train, the same plan.
     with open(os.path.join(workdir, layout.PLAN_FILE)) as f:
       plan = f.read()
-    again = keras3_training.train_and_evaluate(cfg, workdir, strategy)
+    again = training.train_and_evaluate(cfg, workdir, strategy)
     self.assertEqual(again["finetune"]["resumed_from_step"], 4)
     with open(os.path.join(workdir, layout.PLAN_FILE)) as f:
       self.assertEqual(f.read(), plan)
+    # One more epoch: the export is made again from the new weights.
+    longer = training.train_and_evaluate(config(model=f"saved:{saved}",
+                                                num_epochs=2), workdir, strategy)
+    self.assertEqual(longer["finetune"]["steps"], 8)
+    with open(os.path.join(export, "report.json")) as f:
+      self.assertEqual(json.load(f)["made_from"]["checkpoint_step"], 8)
+    stripped = keras.saving.load_model(longer["export"]["keras"])
+    self.assertFalse(all(np.array_equal(a, b) for a, b in zip(
+        stripped.get_weights(), rebuilt.get_weights())))
+
+  def test_jit_compile_with_synchronized_batchnorm_is_accepted_on_jax(self):
+    # tf.distribute cannot compile small_resnet's synchronized BatchNorm on
+    # several replicas; JAX's DataParallel can, so checks lets it through.
+    cfg = config(jit_compile=True)
+    strategy = keras3_distribute.make_strategy(cfg, "mirrored")
+    self.assertEqual(strategy.num_replicas_in_sync, 2)
+    checks.validate(cfg, strategy, os.path.join(self.root, "jit"),
+                    default_config=default.get_config())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from opq_tf.training import distribute
 from opq_tf.training import keras3_distribute
 from opq_tf.training import keras3_loop
 from opq_tf.training import keras3_models
+from opq_tf.training import keras3_training
 from opq_tf.training import layout
 from opq_tf.training import loop
 from opq_tf.training import models
@@ -190,6 +191,24 @@ class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
                                  lambda: keras3_models.build_for_config(config))
     _assert_plan_masks(self, workdir, fp32_model, rebuilt)
 
+    # A rerun asking for LiteRT trains nothing and exports again, whole.
+    final_report = os.path.join(workdir, layout.FINAL_REPORT)
+    again = training.train_and_evaluate(self.config(
+        model=f"saved:{saved}", litert=True, litert_weights="int4"), workdir,
+        self.mirrored)
+    self.assertEqual(again["finetune"]["resumed_from_step"], 4)
+    with open(os.path.join(export, "report.json")) as f:
+      self.assertEqual(json.load(f)["made_from"], {
+          "checkpoint_step": 4, "options": {
+              "litert": True, "litert_int8_activations": False,
+              "litert_weights": "int4"}})
+    self.assertEqual(again["export"]["litert"],
+                     os.path.join(export, "model.tflite"))
+    accuracy = again["litert"]["accuracy"]["float_activations"]
+    self.assertEqual(accuracy["top1_agreement"], 1.0)
+    with open(final_report) as f:
+      self.assertEqual(json.load(f)["litert"]["accuracy"]["images"], 500)
+
   def test_fit_resumes_mid_epoch_as_if_never_stopped(self):
     config = self.config(jit_compile=True)  # one replica: XLA compiles it
     workdir = self.workdir("resume")
@@ -268,10 +287,14 @@ class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"config\.frontend='keras4'"):
       checks.validate(self.config(frontend="keras4"), self.one_device, workdir,
                       default_config=default.get_config())
-    with self.assertRaisesRegex(ValueError, r"litert=True is only in the "
-                                r"tf_keras frontend"):
-      checks.validate(self.config(litert=True), self.one_device, workdir,
+    with self.assertRaisesRegex(ValueError, r"litert_int8_activations=True "
+                                r"is only in the tf_keras frontend"):
+      checks.validate(self.config(litert=True, litert_int8_activations=True),
+                      self.one_device, workdir,
                       default_config=default.get_config())
+    with self.assertRaisesRegex(ValueError, r"litert=True needs the "
+                                r"TensorFlow backend"):
+      keras3_training.check(self.config(litert=True, backend="jax"))
     with self.assertRaisesRegex(ValueError, "imported keras with the "
                                 "'tensorflow' backend already"):
       keras3_distribute.make_strategy(self.config(backend="jax"), "mirrored")
@@ -291,7 +314,7 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     process = self._run_checks()
     output = process.communicate(timeout=_TIMEOUT)[0]
     self.assertEqual(process.returncode, 0, output[-6000:])
-    self.assertRegex(output, r"Ran 3 tests")
+    self.assertRegex(output, r"Ran 4 tests")
     self.assertRegex(output, r"\nOK")
 
   def test_two_processes_train_as_one_data_parallel_run(self):

@@ -1,5 +1,5 @@
 """Tests for the training system (opq_tf.training.training and its parts:
-layout, data, loop, planning, compression, serving, report): real tiny runs
+layout, data, loop, planning, job, serving, report): real tiny runs
 on the digits stand-in of ImageNet, and the package's import structure.
 
 The digits data is shared per process (digits_data); every run trains
@@ -23,7 +23,6 @@ import numpy as np
 
 from configs import default
 from opq_tf.core import allocation
-from opq_tf.training import compression
 from opq_tf.training import data
 from opq_tf.training import distribute
 from opq_tf.training import imagenet_input
@@ -161,7 +160,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     fp32_weights = os.path.join(self.workdir("fp32_one"), layout.FP32_WEIGHTS)
     config = self.config(pretrained=fp32_weights, num_epochs=1, litert=True,
                          calibrate_reconstruct=True)
-    first = compression.compress_and_finetune(config, workdir, self.one_device,
+    first = training.compress_and_finetune(config, workdir, self.one_device,
                                               self.data_dir)
     # Calibration (BatchNorm re-estimation and reconstruction on training
     # images) runs once, before finetuning, and changes the network it
@@ -212,7 +211,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     perturbed.save_weights(perturbed_path)
     resumed_config = self.config(pretrained=perturbed_path, num_epochs=1,
                                  litert=True, litert_int8_activations=True)
-    second = compression.compress_and_finetune(resumed_config, workdir,
+    second = training.compress_and_finetune(resumed_config, workdir,
                                                self.one_device, self.data_dir)
 
     self.assertEqual(open(plan_path, "rb").read(), plan_bytes)
@@ -303,7 +302,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
         "options": {"litert": True, "litert_int8_activations": True,
                     "litert_weights": "int8"}})
     packed_mtime = os.stat(packed_path).st_mtime_ns
-    compression.compress_and_finetune(resumed_config, workdir, self.one_device,
+    training.compress_and_finetune(resumed_config, workdir, self.one_device,
                                       self.data_dir)
     self.assertEqual(os.stat(packed_path).st_mtime_ns, packed_mtime)
     # A killed export's staging directory (its process is gone) is removed.
@@ -312,7 +311,7 @@ class TrainingTest(digits_data.DigitsTestCase, tf.test.TestCase,
     leftover = os.path.join(workdir, f".export.tmp-{finished.pid}-killed")
     os.makedirs(os.path.join(leftover, "export"))
     longer = self.config(pretrained=perturbed_path, num_epochs=2)  # no LiteRT
-    third = compression.compress_and_finetune(longer, workdir, self.one_device,
+    third = training.compress_and_finetune(longer, workdir, self.one_device,
                                               self.data_dir)
     self.assertEqual(third["finetune"]["steps"], 8)
     self.assertEqual(json.load(open(report_path))["made_from"], {
@@ -566,7 +565,7 @@ class ImportsTest(absltest.TestCase):
 
   def test_no_import_cycle_among_opq_tf_modules(self):
     imports = _opq_tf_imports()
-    self.assertIn("opq_tf.training.data", imports["opq_tf.training.training"])
+    self.assertIn("opq_tf.training.data", imports["opq_tf.training.job"])
 
     def cycle_from(module: str, path: list[str]) -> list[str]:
       """A cycle through `path`'s last module, or [] if none."""

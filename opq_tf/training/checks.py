@@ -412,10 +412,12 @@ def validate(config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy
           f"config.{field}={config[field]} is not divisible by the "
           f"{replicas} replicas of the strategy; pass a multiple of {replicas}, "
           f"e.g. --config.{field}={max(1, config[field] // replicas) * replicas}.")
-  if config.jit_compile and replicas > 1 and config.model == "small_resnet":
+  if (config.jit_compile and replicas > 1 and config.model == "small_resnet"
+      and keras3_distribute.frontend_backend(config)[1] == "tensorflow"):
     raise ValueError(
         "config.jit_compile=True cannot compile small_resnet's synchronized "
-        "BatchNorm (a cross-replica sync) with more than one replica; set "
+        "BatchNorm (a cross-replica sync) with more than one replica under "
+        "tf.distribute; set "
         "--config.jit_compile=False or use one replica.")
   check_workdir(workdir)
   check_data(config, workdir, strategy)

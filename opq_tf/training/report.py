@@ -17,9 +17,10 @@ from typing import Any, Optional
 import ml_collections
 
 from opq_tf.core import allocation
-from opq_tf.tf_keras import exporting
-from opq_tf.tf_keras._keras import tf
+from opq_tf.core import report as export_report_lib
 from opq_tf.training import layout
+
+REPORT_FILE = export_report_lib.FILE
 
 # The export report's figures the final report repeats under "compression".
 _COMPRESSION_FIGURES = (
@@ -29,13 +30,14 @@ _COMPRESSION_FIGURES = (
 
 
 def final_report(config: ml_collections.ConfigDict,
-                 strategy: tf.distribute.Strategy, *,
+                 strategy: Any, *,
                  fp32_weights: Optional[str], evaluations: dict[str, Any],
                  after: dict[str, Any], plan: allocation.CompressionPlan,
                  export_report: dict[str, Any], finetune: dict[str, Any],
                  fp32_training: Optional[dict[str, Any]],
-                 seconds: dict[str, float], export_dir: str) -> dict[str, Any]:
-  """The report of `compression.compress_and_finetune`.
+                 seconds: dict[str, float], export_dir: str,
+                 frontend: str, backend: str) -> dict[str, Any]:
+  """The report of `job.compress_and_finetune`.
 
   Args:
     config, strategy: the run's.
@@ -50,9 +52,13 @@ def final_report(config: ml_collections.ConfigDict,
       the FP32 weights were not trained in this workdir).
     seconds: the time of each phase.
     export_dir: <workdir>/export.
+    frontend, backend: what the job ran on ("tf_keras" or "keras3"; the
+      Keras backend).
   """
   report = {
       "model": config.model,
+      "frontend": frontend,
+      "backend": backend,
       "num_classes": config.num_classes,
       "image_size": config.image_size,
       "strategy": type(strategy).__name__,
@@ -76,15 +82,13 @@ def final_report(config: ml_collections.ConfigDict,
                       "reconstruct": config.calibrate_reconstruct,
                       **evaluations.get("calibration", {})},
       "seconds": seconds,
-      "export": {"saved_model": os.path.join(export_dir,
-                                             exporting.SAVED_MODEL_DIR),
-                 "report": os.path.join(export_dir, exporting.REPORT_FILE),
-                 "packed": os.path.join(export_dir, exporting.PACKED_FILE)},
+      # Every file the export wrote (its report's "files": format -> name).
+      "export": {**{name: os.path.join(export_dir, path)
+                    for name, path in export_report["files"].items()},
+                 "report": os.path.join(export_dir, REPORT_FILE)},
   }
   if "litert" in export_report:
     report["litert"] = export_report["litert"]
-    report["export"]["litert"] = os.path.join(export_dir,
-                                              export_report["litert"]["file"])
   return report
 
 
@@ -93,8 +97,9 @@ def artefacts(report: dict[str, Any], workdir: str) -> dict[str, str]:
   report (what the binaries' summary lists)."""
   export = report.get("export", {})
   named = {"export dir": os.path.join(workdir, layout.EXPORT_DIR)}
-  for name, key in (("saved_model", "saved_model"), ("model.opq", "packed"),
-                    ("report.json", "report"), ("model.tflite", "litert")):
+  for name, key in (("saved_model", "saved_model"), ("model.keras", "keras"),
+                    ("model.opq", "packed"), ("report.json", "report"),
+                    ("model.tflite", "litert")):
     if key in export:
       named[name] = export[key]
   named["final_report.json"] = os.path.join(workdir, layout.FINAL_REPORT)
