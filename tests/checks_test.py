@@ -181,14 +181,15 @@ class ChecksTest(digits_data.DigitsTestCase, parameterized.TestCase):
     workdir = self.workdir("foreign_plan")
     os.makedirs(workdir)
     config = self.config(pretrained=self.fp32_weights)
-    other = keras.Sequential([keras.layers.Dense(64, input_shape=(32,))])
+    other = keras.Sequential([keras.layers.Dense(64, input_shape=(32,),
+                                                 name="foreign")])
     plan = opq_tf.allocate(other, **planning.allocate_options(config))
     with open(os.path.join(workdir, layout.PLAN_FILE), "w") as f:
       f.write(plan.to_json())
     with self.assertRaisesRegex(
         ValueError, r"plan\.json was computed for another model than "
-        r"config\.model='small_resnet' \(kernel 'dense/kernel' \(32, 64\) is "
-        r"not in the model.*the model's '.*' is not in it.*fresh --workdir"):
+        r"config\.model='small_resnet' \(kernel 'foreign/kernel' \(32, 64\) "
+        r"is not in the model.*the model's '.*' is not in it.*fresh --workdir"):
       _validate(config, self.one_device, workdir, phase="compress")
 
   @parameterized.named_parameters(
