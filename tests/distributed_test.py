@@ -11,7 +11,6 @@ prepared from digits_data, shared per process.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,7 @@ from opq_tf.tf_keras import layers
 from opq_tf.training import models
 from opq_tf.training import pretrained
 import digits_data
+import processes
 from opq_tf.tf_keras._keras import keras, tf
 from opq_tf.tf_keras.exporting import load_packed
 
@@ -65,29 +65,11 @@ print("STEPS", result["steps"], "LOSS", result["train_loss"])
 """
 
 
-def _free_ports(count: int) -> list[int]:
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("localhost", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
-def _environment(**extra) -> dict:
-  """This process's environment, without its TF_CONFIG, plus `extra`."""
-  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("TF_CONFIG", None)
-  env.update(extra)
-  return env
-
-
 class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
 
   def test_two_workers_finish_with_identical_weights(self):
     workdir = os.path.join(self.root, "multi_worker")
-    ports = _free_ports(2)
+    ports = processes.free_ports(2)
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     processes, outputs, temp_dirs = [], [], []
     for index in range(2):
@@ -100,7 +82,7 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
                               "task": {"type": "worker", "index": index}})
       processes.append(subprocess.Popen(
           [sys.executable, "-c", _WORKER, workdir, self.data_dir, out],
-          cwd=_ROOT, env=_environment(TF_CONFIG=tf_config,
+          cwd=_ROOT, env=processes.environment(TF_CONFIG=tf_config,
                                       TMPDIR=temp_dirs[-1]),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=_TIMEOUT)[0] for p in processes]
@@ -148,12 +130,13 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
       output = dict(stdout=subprocess.DEVNULL,
                     stderr=open(self.log, "w"))  # pylint: disable=consider-using-with
     if workers == 1:  # The default strategy: no --strategy flag.
-      return [subprocess.Popen(command, cwd=_ROOT, env=_environment(),
+      return [subprocess.Popen(command, cwd=_ROOT, env=processes.environment(),
                                **output)]
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(workers)]}
+    cluster = {"worker": [f"localhost:{port}"
+                          for port in processes.free_ports(workers)]}
     return [subprocess.Popen(
         [*command, "--strategy=multi_worker"], cwd=_ROOT,
-        env=_environment(TF_CONFIG=json.dumps(
+        env=processes.environment(TF_CONFIG=json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}})),
         **output) for index in range(workers)]
 
@@ -272,7 +255,8 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
         [cli, "run", "--dir", os.path.join(export_dir, "saved_model"),
          "--tag_set", "serve", "--signature_def", "serving_default",
          "--inputs", f"jpegs={inputs}"],
-        capture_output=True, text=True, timeout=_TIMEOUT, env=_environment())
+        capture_output=True, text=True, timeout=_TIMEOUT,
+        env=processes.environment())
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     printed = result.stdout.split("Result for output key classes:")[1]
     cli_classes = [int(c) for c in printed.split("]")[0].strip(" \n[").split()]

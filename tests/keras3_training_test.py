@@ -1,7 +1,8 @@
 """Tests for the training system on Keras 3 models (config.frontend="keras3").
 
 TensorFlow backend: in this process (the pytest process's keras runs on
-TensorFlow), under the tf.distribute strategies the tf_keras job uses. JAX
+TensorFlow), under the tf.distribute strategies the tf_keras job uses (two
+localhost workers with TF_CONFIG for MultiWorkerMirroredStrategy). JAX
 backend: in subprocesses with KERAS_BACKEND=jax (Keras fixes its backend per
 process): tests/keras3_training_checks.py (DataParallel over two devices
 against one, exact mid-epoch resume, the whole job and its export), two
@@ -15,7 +16,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +42,7 @@ from opq_tf.training import pretrained
 from opq_tf.training import training
 import cpu_devices
 import digits_data
+import processes
 from opq_tf.tf_keras._keras import tf
 
 cpu_devices.split_cpu()
@@ -49,6 +50,39 @@ cpu_devices.split_cpu()
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 _TIMEOUT = 600
+
+# One of two TensorFlow workers (TF_CONFIG) finetuning a compressed Keras 3
+# model under MultiWorkerMirroredStrategy, as the trainers do.
+_TF_WORKER = """
+import sys
+import numpy as np
+import keras
+from configs import default
+import opq_tf
+from opq_tf.training import distribute
+from opq_tf.training import keras3_loop
+
+workdir, data_dir, out = sys.argv[1:4]
+config = default.get_config()
+config.update(dict(frontend="keras3", data_dir=data_dir, global_batch_size=16,
+                   steps_per_epoch=3, steps_per_checkpoint=2, num_epochs=1))
+strategy = distribute.make_strategy("multi_worker")
+keras.utils.set_random_seed(0)
+with strategy.scope():
+  inputs = keras.Input((32, 32, 3))
+  x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="conv")(inputs)
+  x = keras.layers.BatchNormalization(synchronized=True, name="bn")(x)
+  x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+  model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
+  qmodel = opq_tf.apply(model, pruning_rate=0.5, bits=4)
+initial = [np.asarray(w) for w in qmodel.get_weights()]
+result = keras3_loop.fit(qmodel, config, strategy, data_dir, workdir,
+                         phase="finetune", epochs=1, learning_rate=0.05,
+                         warmup_epochs=0.0)
+np.savez(out, *[np.asarray(w) for w in qmodel.get_weights()])
+np.savez(out.replace(".npz", "_initial.npz"), *initial)
+print("STEPS", result["steps"], flush=True)
+"""
 
 
 def _config(data_dir: str, manual_dir: str, **overrides):
@@ -87,23 +121,6 @@ def _scalars(directory: str, tag: str) -> dict[int, float]:
         if value.tag == tag:
           values[event.step] = float(tf.make_ndarray(value.tensor))
   return values
-
-
-def _environment(**extra) -> dict:
-  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("TF_CONFIG", None)
-  env.update(extra)
-  return env
-
-
-def _free_ports(count: int) -> list[int]:
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("localhost", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 def _assert_plan_masks(test, workdir: str, fp32_model: keras.Model,
@@ -254,6 +271,37 @@ class TensorFlowBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     for one, two in zip(*weights):
       np.testing.assert_allclose(one, two, rtol=1e-3, atol=1e-5)
 
+  def test_two_tensorflow_workers_finish_with_identical_weights(self):
+    workdir = self.workdir("multi_worker")
+    cluster = {"worker": [f"localhost:{port}"
+                          for port in processes.free_ports(2)]}
+    workers, outputs = [], []
+    for index in range(2):
+      outputs.append(os.path.join(self.root, f"tf_worker{index}.npz"))
+      temp = os.path.join(self.root, f"tf_worker{index}_tmp")
+      os.makedirs(temp)  # where a non-chief writes, and removes again
+      tf_config = json.dumps({"cluster": cluster,
+                              "task": {"type": "worker", "index": index}})
+      workers.append(subprocess.Popen(
+          [sys.executable, "-c", _TF_WORKER, workdir, self.data_dir,
+           outputs[-1]], cwd=_ROOT, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True, env=processes.environment(
+              KERAS_BACKEND="tensorflow", TF_CONFIG=tf_config, TMPDIR=temp)))
+    logs = [worker.communicate(timeout=_TIMEOUT)[0] for worker in workers]
+    for worker, log in zip(workers, logs):
+      self.assertEqual(worker.returncode, 0, log[-3000:])
+      self.assertIn("STEPS 3", log)
+    first, second = np.load(outputs[0]), np.load(outputs[1])
+    initial = np.load(outputs[0].replace(".npz", "_initial.npz"))
+    for name in first.files:
+      np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    self.assertTrue(any(not np.array_equal(first[name], initial[name])
+                        for name in first.files))
+    # Only the chief wrote checkpoints (steps 2 and 3) to the workdir.
+    self.assertEqual(sorted(os.listdir(layout.checkpoint_dir(workdir,
+                                                             "finetune"))),
+                     ["ckpt-2.npz", "ckpt-3.npz"])
+
   def test_learning_rate_schedule_is_the_tf_keras_jobs(self):
     for warmup, total in ((0, 8), (3, 10)):
       ours = keras3_loop.learning_rate_schedule(0.1, warmup, total)
@@ -307,8 +355,8 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     return subprocess.Popen(
         [sys.executable, os.path.join(_TESTS, "keras3_training_checks.py"),
          *args], cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, env=_environment(KERAS_BACKEND="jax",
-                                    OPQ_DIGITS_DATA_DIR=self.data_dir, **env))
+        text=True, env=processes.environment(
+            KERAS_BACKEND="jax", OPQ_DIGITS_DATA_DIR=self.data_dir, **env))
 
   def test_jax_checks_pass(self):
     process = self._run_checks()
@@ -318,7 +366,8 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     self.assertRegex(output, r"\nOK")
 
   def test_two_processes_train_as_one_data_parallel_run(self):
-    addresses = ",".join(f"localhost:{port}" for port in _free_ports(2))
+    addresses = ",".join(f"localhost:{port}"
+                         for port in processes.free_ports(2))
     workdirs = [os.path.join(self.root, f"process{index}") for index in range(2)]
     outputs = [os.path.join(self.root, f"process{index}.npz")
                for index in range(2)]
@@ -353,7 +402,7 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
         "--config.num_epochs=1", "--config.steps_per_checkpoint=2",
         "--config.calibration_images=0", "--config.eval_batch_size=500",
         "--cpu_devices=2"]
-    env = _environment(KERAS_BACKEND="jax")
+    env = processes.environment(KERAS_BACKEND="jax")
     log = os.path.join(self.root, "killed.log")
     with open(log, "w") as stderr:
       process = subprocess.Popen(command, cwd=_ROOT, env=env,
@@ -397,8 +446,8 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     result = subprocess.run(
         [sys.executable, "-m", "trainers.train", f"--workdir={workdir}",
          "--config.frontend=keras3", "--config.backend=jax"], cwd=_ROOT,
-        env=_environment(KERAS_BACKEND="tensorflow"), capture_output=True,
-        text=True, timeout=_TIMEOUT, check=False)
+        env=processes.environment(KERAS_BACKEND="tensorflow"),
+        capture_output=True, text=True, timeout=_TIMEOUT, check=False)
     self.assertEqual(result.returncode, 2, result.stderr[-3000:])
     self.assertIn("train: error: config.backend='jax' but KERAS_BACKEND="
                   "'tensorflow'", result.stderr)
