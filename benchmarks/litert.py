@@ -13,12 +13,17 @@ with its Keras model (top-1 agreement, max |logit difference|). Images: the
 real ImageNet ones for the ImageNet model, uniform noise in [-1, 1] (already
 preprocessed) otherwise (agreement there is about rounding, not accuracy).
 
+--quick also narrows ResNet-50 (the slowest to convert and run on a small
+machine) to FP32, OPQ int8 (CSR where smaller, and dense) and OPQ int4
+(`_QUICK_ONLY`).
+
 Targets (not tests): OPQ int4 file <= 0.55x the OPQ int8 file (B = 4), OPQ
 .tflite >= 3.5x smaller than FP32's and smaller than tfmot's, top-1
 agreement >= 99.5%; latency reported as measured. Misses are reported as
 measured.
 """
 
+import collections
 import glob
 import gzip
 import os
@@ -49,12 +54,16 @@ _LATENCY_SETTINGS = ((True, 1), (True, 2), (False, 1), (False, 2))
 # label -> litert.convert options; "opq int8" is its default (CSR where smaller).
 _OPQ_VARIANTS = {
     "opq int8": {},
+    "opq int8 dense": {"sparse": False},
     "opq int8 hybrid": {"compute": "hybrid"},
     "opq int4": {"weights": "int4"},
     "opq int4 hybrid": {"compute": "hybrid", "weights": "int4"},
     "opq auto": {"weights": "auto"},
     "opq auto hybrid": {"compute": "hybrid", "weights": "auto"},
 }
+# model -> the only artefacts --quick measures for it (FP32 is the size
+# reference of every row).
+_QUICK_ONLY = {"resnet50": ("fp32", "opq int8", "opq int8 dense", "opq int4")}
 
 
 def _imagenet_mobilenet():
@@ -181,15 +190,19 @@ def _gzip_bytes(path: str) -> int:
 
 
 def _storage_note(info: dict) -> str:
-  """What the OPQ writer stored: counts per type, why some stayed int8."""
-  parts = [f"{info['kernels_int4']} int4 / {info['kernels_int8']} int8 "
-           f"kernels ({info['kernels_sparse']} CSR)"]
-  for reason, keys in info.get("int8_reasons", {}).items():
-    parts.append(f"int8: {len(keys)} ({reason})")
+  """What the OPQ writer stored: counts per type, and per reason how many
+  kernels are wider than asked."""
+  parts = [f"{info['kernels_int2']} int2 / {info['kernels_int4']} int4 / "
+           f"{info['kernels_int8']} int8 kernels ({info['kernels_sparse']} CSR)"]
+  wider = collections.Counter(  # By reason, its figures in brackets cut.
+      (fact["dtype"], fact["why"].split(" (")[0])
+      for fact in info["stored"].values() if not fact["why"].startswith("B = "))
+  parts += [f"{dtype}: {count} ({why})"
+            for (dtype, why), count in sorted(wider.items())]
   auto = info.get("auto")
   if auto:
     parts.append("auto: " + ", ".join(
-        f"{op} {choice['chose']} ({choice['int4_ms']:.2f} vs "
+        f"{op} {choice['chose']} ({choice['narrow_ms']:.2f} vs "
         f"{auto['all_int8_ms']:.2f} ms)"
         for op, choice in auto.items() if isinstance(choice, dict)))
   return "; ".join(parts)
@@ -214,6 +227,10 @@ def _measure(name: str, directory: str, runs: int, image_count: int):
   qmodel = opq_tf.apply(model, pruning_rate=pruning_rate, bits=bits)
   stripped = opq_tf.strip(qmodel)
   paths, references, notes = {}, {}, []
+  only = _QUICK_ONLY.get(name) if _QUICK.value else None
+
+  def wanted(label: str) -> bool:
+    return only is None or label in only
 
   def write(label, content, reference):
     path = os.path.join(directory, f"{name}_{label.replace(' ', '_')}.tflite")
@@ -225,8 +242,8 @@ def _measure(name: str, directory: str, runs: int, image_count: int):
     write("dynamic-range int8", _keras3_tflite(
         model, directory, [tf.lite.Optimize.DEFAULT]), model)
     for label, options in _OPQ_VARIANTS.items():
-      if options.get("compute") == "hybrid":
-        continue  # The Keras 3 export writes float compute only.
+      if set(options) - {"weights"} or not wanted(label):
+        continue  # The Keras 3 export: float compute, CSR where smaller.
       report = opq_tf.export(
           qmodel, os.path.join(directory, f"{name}_{label.replace(' ', '_')}"),
           formats=("packed",), litert=True,
@@ -237,17 +254,21 @@ def _measure(name: str, directory: str, runs: int, image_count: int):
       notes.append(f"{name}, {label}: {_storage_note(report['litert'])}")
   else:
     write("fp32", litert.float_tflite(model), model)
-    write("dynamic-range int8", litert.float_tflite(
-        model, optimizations=[tf.lite.Optimize.DEFAULT]), model)
+    if wanted("dynamic-range int8"):
+      write("dynamic-range int8", litert.float_tflite(
+          model, optimizations=[tf.lite.Optimize.DEFAULT]), model)
     try:
-      pqat = _tfmot_pqat(model, pruning_rate)
-      write("tfmot prune+PQAT", litert.float_tflite(
-          pqat, optimizations=[tf.lite.Optimize.DEFAULT]), pqat)
+      if wanted("tfmot prune+PQAT"):
+        pqat = _tfmot_pqat(model, pruning_rate)
+        write("tfmot prune+PQAT", litert.float_tflite(
+            pqat, optimizations=[tf.lite.Optimize.DEFAULT]), pqat)
     except Exception as error:  # Reported, not fatal: a baseline failed.
       notes.append(f"{name}: tfmot prune+PQAT failed: "
                    f"{str(error).strip().splitlines()[-1][:160]}")
       print(notes[-1], flush=True)
     for label, options in _OPQ_VARIANTS.items():
+      if not wanted(label):
+        continue
       paths[label] = os.path.join(directory,
                                   f"{name}_{label.replace(' ', '_')}.tflite")
       references[label] = stripped
@@ -312,11 +333,13 @@ def _document(rows, notes, runs: int, image_count: int, minutes: float) -> str:
       "Default8BitPrunePreserveQuantizeScheme, never trained or calibrated, "
       "converted with Optimize.DEFAULT; `opq int8` litert.convert's default "
       "(int8 codes -> DEQUANTIZE -> float ops, CSR + DENSIFY where smaller); "
-      "`opq int4` the same codes as int4 (dense, two a byte); `hybrid` "
-      "LiteRT's dynamic-range kernels on the same codes (a depthwise kernel "
-      "stays int8 there: LiteRT has no hybrid int4 depthwise kernel); `opq "
-      "auto` int4 per op type where the interpreter measured it no slower "
-      "(XNNPACK, 1 thread; under float or hybrid compute); `packed "
+      "`opq int8 dense` the same without CSR; `opq int4` the same codes as "
+      "int4 (dense, two a byte; int8 CSR for a kernel where that is smaller); "
+      "`hybrid` LiteRT's dynamic-range kernels on the same codes (a depthwise "
+      "kernel stays int8 there: LiteRT has no hybrid int4 depthwise kernel); "
+      "`opq auto` the int2 / int4 storage per op type where the interpreter "
+      "measured it no slower (XNNPACK, 1 thread; under float or hybrid "
+      "compute); `packed "
       "model.opq` opq_tf.export's entropy-coded file. Latency columns: "
       "XNNPACK on / off (builtin kernels), 1 / 2 threads. Agreement is each "
       ".tflite against its own Keras model (OPQ: opq_tf.strip(qmodel)).\n\n"

@@ -97,8 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.litert = False
   config.litert_int8_activations = False
   # Its stored weights: "int8", "int4" (B <= 4 kernels where LiteRT runs the
-  # op so) or "auto" (int4 per op type where the interpreter measured it no
-  # slower); report.json says which kernels stayed int8 and why.
+  # op so), "int2" (also B <= 2 kernels in int2: each at its smallest type)
+  # or "auto" (per op type where the interpreter measured it no slower);
+  # report.json's litert "stored" says per kernel what was stored and why.
   config.litert_weights = "int8"
 
   # Finetuning of the compressed model: SGD with momentum, coupled L2 weight

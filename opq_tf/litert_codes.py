@@ -1,6 +1,7 @@
 """The OPQ codes in a LiteRT (.tflite) flatbuffer: the frontend-neutral part.
 
-    content, facts = litert_codes.rewrite(converted, kernels, ops, weights="int4")
+    content, facts = litert_codes.rewrite(converted, kernels, ops,
+                                          weights="int2")
     litert_codes.save("out/model.tflite", content)     # runs it first
     weights = litert_codes.read_weights("out/model.tflite")  # key -> StoredWeight
 
@@ -23,27 +24,34 @@ wants positive scales). A kernel is found in the converted graph by its shape
 and zero pattern, and accepted only if the float tensor is exactly
 codes * step * f_c per channel.
 
-Storage (`weights`): "int8" one byte per weight; "int4" two codes per byte
-(TFLite's INT4: low nibble first) for every kernel of B <= 4 whose op LiteRT
-runs with int4 filters, the same integers and scales; "auto" int4 per op type
-where the interpreter measured it no slower than int8. What LiteRT 2.3 runs
-with int4 filters (checked by tests/litert_test.py):
+Storage (`weights`, the narrowest type asked for): "int8" one byte per
+weight; "int4" two codes per byte (TFLite's INT4: low nibble first) for every
+kernel of B <= 4 whose op LiteRT runs with int4 filters; "int2" also four
+codes per byte (TFLite's INT2: lowest bit pair first) for every kernel of
+B <= 2 whose op runs int2 filters, so each kernel of a mixed plan gets the
+smallest type that holds its codes; the same integers and scales in every
+type. "auto": per op type, the "int2" storage unless the interpreter
+measured it over 5% slower than int8. A kernel goes to the next width up
+where its codes or its op need it, and to int8 in CSR (with `sparse`) where
+that is smaller than its dense narrow form (a kernel pruned past ~75% for
+int4, ~87% for int2); the facts say per kernel what was stored and why.
+What LiteRT 2.3 runs (checked by tests/litert_test.py):
 
-| compute                    | CONV_2D | DEPTHWISE_CONV_2D | FULLY_CONNECTED |
-|----------------------------|---------|-------------------|-----------------|
-| float (DEQUANTIZE -> op)   | yes     | yes               | yes             |
-| hybrid (dynamic range)     | yes     | no: stays int8    | yes             |
-| int8 activations           | yes     | yes               | yes             |
+| compute                  | CONV_2D    | DEPTHWISE_CONV_2D | FULLY_CONNECTED |
+|--------------------------|------------|-------------------|-----------------|
+| float (DEQUANTIZE -> op) | int4, int2 | int4, int2        | int4, int2      |
+| hybrid (dynamic range)   | int4       | int8 only         | int4, int2      |
+| int8 activations         | int4       | int4              | int4, int2      |
 
-Int4 kernels are stored dense (0.5 byte a weight is smaller than CSR's int8
-value plus index at OPQ's pruning rates). Smaller is not always faster:
-XNNPACK (LiteRT's default CPU delegate) takes int4 filters only in hybrid
-FULLY_CONNECTED, and does not fold an int4 DEQUANTIZE into static weights
-as it does an int8 one, so under float compute int4 ops run outside it,
-dequantizing every invoke; "auto" measures that instead of assuming it. Kernels of B > 4 stay int8; the
-facts say which stayed int8 and why. `save` loads, allocates and invokes the
-file in the interpreter (with and without XNNPACK) before writing it
-atomically, so a file LiteRT cannot run is never written.
+Narrow kernels are otherwise stored dense (DENSIFY of int4 / int2 is not
+tried). Smaller is not always faster: XNNPACK (LiteRT's default CPU
+delegate) takes int4 filters only in hybrid FULLY_CONNECTED, and does not
+fold an int4 / int2 DEQUANTIZE into static weights as it does an int8 one,
+so under float compute those ops run outside it, dequantizing every invoke;
+"auto" measures that instead of assuming it. `save` loads, allocates and
+invokes the file in the interpreter (with and without XNNPACK) and wants
+finite outputs before writing it atomically, so a file LiteRT cannot run is
+never written.
 """
 
 from __future__ import annotations
@@ -66,7 +74,11 @@ from opq_tf.core import files
 
 METADATA_NAME = "opq_kernels"
 COMPUTES = ("float", "hybrid", "int8")
-WEIGHTS = ("int8", "int4", "auto")
+WEIGHTS = ("int8", "int4", "int2", "auto")
+# Stored types, narrowest first, and the largest B whose codes (|code| <=
+# 2**(B-1) - 1) each holds: INT2 spans [-2, 1], INT4 [-8, 7].
+DTYPES = ("int2", "int4", "int8")
+_HOLDS_BITS = {"int2": 2, "int4": 4, "int8": 8}
 OPS = ("conv_2d", "depthwise_conv_2d", "fully_connected")
 
 _Op = schema.BuiltinOperator
@@ -78,29 +90,43 @@ _OP_OF = {"conv_2d": _Op.CONV_2D, "depthwise_conv_2d": _Op.DEPTHWISE_CONV_2D,
 # (hybrid kernels), as TensorFlow 2.21's dynamic-range conversion writes them.
 _HYBRID_VERSION = {_Op.CONV_2D: 5, _Op.DEPTHWISE_CONV_2D: 6,
                    _Op.FULLY_CONNECTED: 12}
-# Int8 activations with int4 filters (TFLite's op_version.cc).
-_INT4_INTEGER_VERSION = {_Op.CONV_2D: 7, _Op.DEPTHWISE_CONV_2D: 7,
-                         _Op.FULLY_CONNECTED: 10}
-# DEQUANTIZE of int8: version 2; per-channel int8: version 5; int4: 6.
-_DEQUANTIZE_VERSION = {"int8": {False: 2, True: 5}, "int4": {False: 6, True: 6}}
-# (compute, op) LiteRT 2.3 cannot run with an int4 filter, and why.
-_NO_INT4 = {
-    ("hybrid", "depthwise_conv_2d"):
+# Int8 activations with int4 filters (TFLite's op_version.cc); LiteRT 2.3's
+# resolver runs int2 FULLY_CONNECTED at the same version.
+_NARROW_INTEGER_VERSION = {_Op.CONV_2D: 7, _Op.DEPTHWISE_CONV_2D: 7,
+                           _Op.FULLY_CONNECTED: 10}
+# DEQUANTIZE of int8: version 2; per-channel int8: version 5; int4: 6 (int2
+# runs at 6 in LiteRT 2.3 too).
+_DEQUANTIZE_VERSION = {"int8": {False: 2, True: 5}, "int4": {False: 6, True: 6},
+                       "int2": {False: 6, True: 6}}
+# (stored type, compute, op) LiteRT 2.3 cannot run, and why (probed with its
+# interpreter; tests/litert_test.py checks each entry still fails or errs).
+_CANNOT_RUN = {
+    ("int4", "hybrid", "depthwise_conv_2d"):
         "LiteRT 2.3 has no hybrid DEPTHWISE_CONV_2D kernel for int4 filters "
         "('Type FLOAT32 with filter type INT4 not currently supported')",
+    ("int2", "hybrid", "depthwise_conv_2d"):
+        "LiteRT 2.3 has no hybrid DEPTHWISE_CONV_2D kernel for int2 filters",
+    ("int2", "hybrid", "conv_2d"):
+        "LiteRT 2.3's hybrid CONV_2D runs an int2 filter but computes "
+        "wrong outputs with it (logits off by 0.3 builtin, 1e27 XNNPACK)",
+    ("int2", "int8", "conv_2d"):
+        "LiteRT 2.3's integer CONV_2D takes int8 or int4 filters only "
+        "('filter->type == kTfLiteInt8 || filter->type == kTfLiteInt4')",
+    ("int2", "int8", "depthwise_conv_2d"):
+        "LiteRT 2.3's integer DEPTHWISE_CONV_2D takes no int2 filter",
 }
 _FACTOR_TOLERANCE = 1e-5  # relative, of folded / (step * code) within a channel
-_AUTO_SLOWER = 1.05  # int4 kept when its latency is within 5% of int8's
+_AUTO_SLOWER = 1.05  # narrow kept when its latency is within 5% of int8's
 
 
 @dataclasses.dataclass(frozen=True)
 class StoredWeight:
-  """One int8 or int4 weight tensor read back from a .tflite file (dense).
+  """One int8, int4 or int2 weight tensor read back from a .tflite file.
 
-  `values` (int8 numpy, int4 unpacked) is in TFLite layout: Conv2D [out, H,
-  W, in], DepthwiseConv2D [1, H, W, in * multiplier], FullyConnected [out,
-  in]; the real weight is `values * scales[c]` along `quantized_dimension`
-  (zero points are 0 here). `dtype` is the stored type, "int8" or "int4".
+  `values` (int8 numpy, dense: int4 / int2 unpacked) is in TFLite layout:
+  Conv2D [out, H, W, in], DepthwiseConv2D [1, H, W, in * multiplier],
+  FullyConnected [out, in]; the real weight is `values * scales[c]` along
+  `quantized_dimension` (zero points are 0 here). `dtype` is the stored type (one of `DTYPES`).
   """
 
   values: np.ndarray
@@ -218,22 +244,35 @@ _NUMPY_TYPES = {_Type.FLOAT32: np.float32, _Type.INT8: np.int8,
                 _Type.INT32: np.int32}
 
 
-def pack_int4(values: np.ndarray) -> np.ndarray:
-  """int8 values in [-8, 7] -> TFLite INT4 bytes (two a byte, low nibble
-  first, an odd count's last high nibble 0)."""
+_TENSOR_TYPES = {"int2": _Type.INT2, "int4": _Type.INT4, "int8": _Type.INT8}
+_DTYPE_OF = {tensor_type: dtype for dtype, tensor_type in _TENSOR_TYPES.items()}
+_PACKED_BITS = {"int4": 4, "int2": 2}
+
+
+def pack(values: np.ndarray, dtype: str) -> np.ndarray:
+  """int8 values -> TFLite INT4 (two a byte) or INT2 (four a byte) bytes.
+
+  As LiteRT's UnpackPackedIntToInt8 reads them: the first value in the
+  lowest bits of its byte, a short last byte's unused high bits 0. The
+  values must lie in the type's range ([-8, 7] or [-2, 1]).
+  """
+  bits = _PACKED_BITS[dtype]
+  per_byte = 8 // bits
   flat = np.asarray(values, np.int8).reshape(-1)
-  if flat.size % 2:
-    flat = np.concatenate([flat, np.zeros(1, np.int8)])
-  nibbles = flat.view(np.uint8) & 0x0F
-  return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+  flat = np.concatenate([flat, np.zeros((-flat.size) % per_byte, np.int8)])
+  fields = (flat.view(np.uint8) & ((1 << bits) - 1)).reshape(-1, per_byte)
+  shifts = np.arange(per_byte, dtype=np.uint8) * bits
+  return np.bitwise_or.reduce(fields << shifts, axis=1).astype(np.uint8)
 
 
-def unpack_int4(data: np.ndarray, count: int) -> np.ndarray:
-  """Inverse of `pack_int4`: the first `count` values, int8, sign-extended."""
-  data = np.asarray(data, np.uint8)
-  nibbles = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(-1)[:count]
-  return np.where(nibbles > 7, nibbles.astype(np.int16) - 16,
-                  nibbles).astype(np.int8)
+def unpack(data: np.ndarray, count: int, dtype: str) -> np.ndarray:
+  """Inverse of `pack`: the first `count` values, int8, sign-extended."""
+  bits = _PACKED_BITS[dtype]
+  shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+  fields = ((np.asarray(data, np.uint8)[:, None] >> shifts)
+            & ((1 << bits) - 1)).reshape(-1)[:count].astype(np.int16)
+  return np.where(fields >= 1 << (bits - 1), fields - (1 << bits),
+                  fields).astype(np.int8)
 
 
 def _tensor_values(model: schema.ModelT, tensor) -> Optional[np.ndarray]:
@@ -243,10 +282,11 @@ def _tensor_values(model: schema.ModelT, tensor) -> Optional[np.ndarray]:
     return None
   shape = tuple(int(d) for d in tensor.shape)
   raw = np.asarray(data, np.uint8)
-  if tensor.type == _Type.INT4:
+  packed = _DTYPE_OF.get(tensor.type)
+  if packed in _PACKED_BITS:
     if tensor.sparsity is not None:
       return None
-    return unpack_int4(raw, int(np.prod(shape))).reshape(shape)
+    return unpack(raw, int(np.prod(shape)), packed).reshape(shape)
   dtype = _NUMPY_TYPES.get(tensor.type)
   if dtype is None:
     return None
@@ -442,10 +482,10 @@ def _store(model: schema.ModelT, tensor, target: _Target,
            payload: np.ndarray) -> None:
   """Writes `payload` (int8 values) into `tensor`'s buffer as target.dtype."""
   tensor.name = target.key.encode()
-  if target.dtype == "int4":
-    tensor.type, data = _Type.INT4, pack_int4(payload)
+  tensor.type = _TENSOR_TYPES[target.dtype]
+  if target.dtype in _PACKED_BITS:
+    data = pack(payload, target.dtype)
   else:
-    tensor.type = _Type.INT8
     data = np.frombuffer(payload.astype(np.int8).tobytes(), np.uint8)
   model.buffers[tensor.buffer].data = data
 
@@ -491,8 +531,10 @@ def _insert_op(model: schema.ModelT, builtin: int, version: int,
 
 
 def _new_stats() -> dict:
+  """The rewrite's counts, and "csr_instead": key -> why a kernel asked
+  narrow went int8 CSR (popped by `rewrite` into its "stored")."""
   return {"kernels_sparse": 0, "batchnorm_folded_kernels": 0,
-          "negative_scale_channels": 0}
+          "negative_scale_channels": 0, "csr_instead": {}}
 
 
 def _rewrite_float(model: schema.ModelT, kernels: Sequence[Any], codes: dict,
@@ -503,8 +545,10 @@ def _rewrite_float(model: schema.ModelT, kernels: Sequence[Any], codes: dict,
   With `dequantize` each kernel feeds a DEQUANTIZE op and the conv stays a
   float op (XNNPACK unpacks the weights once at load; LiteRT's builtin
   kernels also cache a dense kernel's DEQUANTIZE, not one after DENSIFY);
-  otherwise the conv becomes a hybrid kernel. Int8 kernels are stored in CSR
-  behind DENSIFY where that is smaller (`sparse`); int4 ones always dense.
+  otherwise the conv becomes a hybrid kernel. With `sparse`, a kernel is
+  stored int8 in CSR behind DENSIFY where that is smaller than its dense
+  form, int8, int4 or int2 (a heavily pruned one: CSR keeps only its kept
+  codes and their indices); int4 / int2 ones are otherwise dense.
   """
   graph = model.subgraphs[0]
   matched = _match(model, kernels, codes, ops, exact_floats=True)
@@ -525,9 +569,15 @@ def _rewrite_float(model: schema.ModelT, kernels: Sequence[Any], codes: dict,
     tensor = graph.tensors[index]
     tensor.quantization = _quantization(scales, target.axis)
     payload, stored_sparse = values, False
-    if sparse and target.dtype == "int8":
+    if sparse:
       nonzero, sparsity, size = _csr(values)
-      if size + 256 < values.nbytes:
+      dense = -(-values.size * _PACKED_BITS.get(target.dtype, 8) // 8)
+      if size + 256 < dense:
+        if target.dtype != "int8":
+          stats["csr_instead"][target.key] = (
+              f"int8 in CSR ({size:,} bytes) is smaller than dense "
+              f"{target.dtype} ({dense:,} bytes)")
+          target.dtype = "int8"
         payload, stored_sparse = nonzero, True
         tensor.sparsity = sparsity
     _store(model, tensor, target, payload)
@@ -581,8 +631,8 @@ def _rewrite_integer(model: schema.ModelT, float_model: schema.ModelT,
     tensor.quantization = _quantization(scales, target.axis,
                                         per_tensor_if_equal=False)
     _store(model, tensor, target, values)
-    if target.dtype == "int4":
-      _set_version(model, operator, _INT4_INTEGER_VERSION[builtin])
+    if target.dtype != "int8":
+      _set_version(model, operator, _NARROW_INTEGER_VERSION[builtin])
     if len(operator.inputs) > 2 and operator.inputs[2] >= 0:
       _requantize_bias(model, operator, old, scales, input_scale)
     stats["batchnorm_folded_kernels"] += int(np.any(factors != 1.0))
@@ -630,14 +680,21 @@ def _metadata(model: schema.ModelT, kernels: Sequence[Any],
 
 
 # ----------------------------------------------------------------------------
-# Choosing int8 or int4 per kernel.
+# Choosing the stored type per kernel.
 
 
-def _int4_blocker(entry, op: str, compute: str) -> Optional[str]:
-  """Why `entry` cannot be stored in int4 under `compute`, or None."""
-  if entry.bits > 4:
-    return f"B = {entry.bits} > 4: its codes need int8"
-  return _NO_INT4.get((compute, op))
+def _narrowest(entry, op: str, compute: str, asked: str) -> tuple[str, list]:
+  """The narrowest type from `asked` up that holds `entry`'s codes and that
+  LiteRT runs `op` with under `compute`; and why each narrower one was not."""
+  skipped = []
+  for dtype in DTYPES[DTYPES.index(asked):]:
+    blocker = (f"B = {entry.bits} > {_HOLDS_BITS[dtype]}"
+               if entry.bits > _HOLDS_BITS[dtype] else
+               _CANNOT_RUN.get((dtype, compute, op)))
+    if blocker is None:
+      return dtype, skipped
+    skipped.append(f"not {dtype}: {blocker}")
+  raise AssertionError("int8 holds every B <= 8 and runs every op.")
 
 
 def _measure(contents: Sequence[bytes], xnnpack: bool, runs: int) -> list:
@@ -668,15 +725,20 @@ def rewrite(float_content: bytes, kernels: Sequence[Any],
     compute: "float" (DEQUANTIZE -> float ops), "hybrid" (dynamic-range
       kernels) or "int8" (`integer_content`, the converter's full integer
       file, gets the codes; its biases are requantized).
-    sparse: int8 kernels in CSR behind DENSIFY where smaller ("float" and
-      "hybrid" only).
-    weights: "int8", "int4" (B <= 4 kernels whose op runs them) or "auto"
-      (int4 per op type where it measured no slower, XNNPACK on unless
-      sparse hybrid, 1 thread, median of `auto_runs` interleaved invokes).
+    sparse: a kernel in int8 CSR behind DENSIFY where smaller than its
+      dense form, int8, int4 or int2 ("float" and "hybrid" only).
+    weights: the narrowest stored type asked for: "int8"; "int4" (B <= 4
+      kernels whose op runs int4 filters); "int2" (also B <= 2 kernels in
+      int2 where their op runs it: each kernel at the smallest type holding
+      its codes); "auto" ("int2"'s choice per op type where it measured no
+      slower than int8; XNNPACK on unless sparse hybrid, 1 thread, median of
+      `auto_runs` interleaved invokes).
 
   Returns:
-    (file bytes, facts): counts per stored type, why kernels stayed int8
-    ("int8_reasons": reason -> keys), and for "auto" the latencies measured.
+    (file bytes, facts): counts per stored type ("kernels_int8", ...);
+    "stored": key -> {"op", "bits", "dtype", "why"} (why a kernel is at a
+    wider type than asked: its B, or its op); for
+    "auto" the latencies measured and the choice per op type.
   """
   if compute not in COMPUTES:
     raise ValueError(f"compute={compute!r}; use one of {COMPUTES}.")
@@ -687,19 +749,18 @@ def rewrite(float_content: bytes, kernels: Sequence[Any],
                      "converter's full integer file), and only it.")
   check_ops(kernels, ops)
   codes = {entry.key: np.asarray(entry.codes) for entry in kernels}
-  reasons: dict[str, list[str]] = {}
-  eligible = {}
+  asked = "int2" if weights == "auto" else weights
+  stored = {}  # key -> what is stored and why (the facts' "stored").
   for entry in kernels:
-    blocker = (None if weights == "int8" else
-               _int4_blocker(entry, ops[entry.key], compute))
-    if blocker is not None:
-      reasons.setdefault(blocker, []).append(entry.key)
-    elif weights != "int8":
-      eligible[entry.key] = ops[entry.key]
+    op = ops[entry.key]
+    dtype, skipped = _narrowest(entry, op, compute, asked)
+    stored[entry.key] = {
+        "op": _OP_NAMES[_OP_OF[op]], "bits": int(entry.bits), "dtype": dtype,
+        "why": "; ".join(skipped) or (
+            f"B = {entry.bits} fits {dtype}, which LiteRT runs "
+            f"{_OP_NAMES[_OP_OF[op]]} with")}
 
-  def build(int4_keys) -> tuple[bytes, dict, dict]:
-    dtypes = {entry.key: "int4" if entry.key in int4_keys else "int8"
-              for entry in kernels}
+  def build(dtypes: Mapping[str, str]) -> tuple[bytes, dict]:
     model = _load(integer_content if compute == "int8" else float_content)
     if compute == "int8":
       stats = _rewrite_integer(model, _load(float_content), kernels, codes,
@@ -707,45 +768,58 @@ def rewrite(float_content: bytes, kernels: Sequence[Any],
     else:
       stats = _rewrite_float(model, kernels, codes, ops, dtypes, sparse,
                              dequantize=compute == "float")
-    _metadata(model, kernels, dtypes)
-    return _serialize(model), stats, dtypes
+    _metadata(model, kernels, {**dtypes, **{
+        key: "int8" for key in stats["csr_instead"]}})
+    return _serialize(model), stats
 
   auto = None
-  int4_keys = set(eligible)
-  if weights == "auto" and eligible:
-    xnnpack = not (sparse and compute == "hybrid")
-    groups = sorted(set(eligible.values()))
-    candidates = [build(set())[0]] + [
-        build({key for key, op in eligible.items() if op == group})[0]
-        for group in groups]
-    latency = _measure(candidates, xnnpack=xnnpack, runs=auto_runs)
-    auto = {"measured": f"LiteRT interpreter, XNNPACK {'on' if xnnpack else 'off'}, "
-                        f"1 thread, median of {auto_runs} batch-1 invokes",
-            "all_int8_ms": round(latency[0], 3)}
-    int4_keys = set()
-    for group, milliseconds in zip(groups, latency[1:]):
-      chosen = "int4" if milliseconds <= _AUTO_SLOWER * latency[0] else "int8"
-      auto[group.upper()] = {"int4_ms": round(milliseconds, 3),
-                             "chose": chosen}
-      keys = [key for key, op in eligible.items() if op == group]
-      if chosen == "int4":
-        int4_keys.update(keys)
-      else:
-        reasons.setdefault(
-            f"auto: {group.upper()} measured slower in int4 "
-            f"({milliseconds:.2f} vs {latency[0]:.2f} ms)", []).extend(keys)
-  content, stats, dtypes = build(int4_keys)
+  narrow = {key: fact["op"] for key, fact in stored.items()
+            if fact["dtype"] != "int8"}
+  if weights == "auto" and narrow:
+    auto = _choose(stored, narrow, build, compute, sparse, auto_runs)
+  content, stats = build({key: fact["dtype"] for key, fact in stored.items()})
+  for key, why in stats.pop("csr_instead").items():
+    fact = stored[key]
+    fact["why"] = why if fact["why"].startswith("B = ") else (
+        f"{fact['why']}; {why}")
+    fact["dtype"] = "int8"
+  dtypes = {key: fact["dtype"] for key, fact in stored.items()}
   facts = {
       "weights": weights,
-      "kernels_int8": sum(d == "int8" for d in dtypes.values()),
-      "kernels_int4": sum(d == "int4" for d in dtypes.values()),
+      **{f"kernels_{dtype}": sum(d == dtype for d in dtypes.values())
+         for dtype in reversed(DTYPES)},
       **stats,
+      "stored": stored,
   }
-  if weights != "int8":
-    facts["int8_reasons"] = reasons
   if auto is not None:
     facts["auto"] = auto
   return content, facts
+
+
+def _choose(stored: dict, narrow: Mapping[str, str], build, compute: str,
+            sparse: bool, runs: int) -> dict:
+  """weights="auto": per op type, keeps its narrow kernels narrow if the file
+  measured no slower than all-int8, else stores them int8 (in `stored`)."""
+  xnnpack = not (sparse and compute == "hybrid")
+  groups = sorted(set(narrow.values()))
+  all_int8 = {key: "int8" for key in stored}
+  candidates = [build(all_int8)[0]] + [
+      build({**all_int8, **{key: stored[key]["dtype"]
+                            for key, op in narrow.items() if op == group}})[0]
+      for group in groups]
+  latency = _measure(candidates, xnnpack=xnnpack, runs=runs)
+  auto = {"measured": f"LiteRT interpreter, XNNPACK {'on' if xnnpack else 'off'}, "
+                      f"1 thread, median of {runs} batch-1 invokes",
+          "all_int8_ms": round(latency[0], 3)}
+  for group, milliseconds in zip(groups, latency[1:]):
+    chosen = "narrow" if milliseconds <= _AUTO_SLOWER * latency[0] else "int8"
+    auto[group] = {"narrow_ms": round(milliseconds, 3), "chose": chosen}
+    if chosen == "int8":
+      for key in (key for key, op in narrow.items() if op == group):
+        stored[key]["dtype"] = "int8"
+        stored[key]["why"] = (f"auto: {group} measured slower narrow "
+                              f"({milliseconds:.2f} vs {latency[0]:.2f} ms)")
+  return auto
 
 
 # ----------------------------------------------------------------------------
@@ -754,7 +828,9 @@ def rewrite(float_content: bytes, kernels: Sequence[Any],
 
 def _runner(content: bytes, *, xnnpack: bool = True, num_threads: int = 1
             ) -> litert_interpreter.Interpreter:
-  """An allocated interpreter of `content` with zero inputs set."""
+  """An allocated interpreter of `content` with its inputs set: float ones
+  uniform in [-1, 1] (seed 0; zeros hide a hybrid kernel's misreadings, its
+  activation scale being 0), others 0."""
   resolver = litert_interpreter.OpResolverType
   runner = litert_interpreter.Interpreter(
       model_content=content, num_threads=num_threads,
@@ -762,9 +838,12 @@ def _runner(content: bytes, *, xnnpack: bool = True, num_threads: int = 1
           resolver.AUTO if xnnpack else
           resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
   runner.allocate_tensors()
+  rng = np.random.default_rng(0)
   for detail in runner.get_input_details():
-    runner.set_tensor(detail["index"], np.zeros(detail["shape"],
-                                                detail["dtype"]))
+    shape, dtype = detail["shape"], detail["dtype"]
+    runner.set_tensor(detail["index"], (
+        rng.uniform(-1, 1, shape).astype(dtype)
+        if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)))
   return runner
 
 
@@ -772,9 +851,10 @@ def save(path: Union[str, os.PathLike], content: bytes, *,
          xnnpack_runs: bool = True) -> None:
   """Writes `content` to `path` atomically once the interpreter ran it.
 
-  It is loaded, allocated and invoked on zeros without XNNPACK (LiteRT's
-  builtin kernels, which refuse unsupported filter types only at invoke)
-  and, unless `xnnpack_runs` is False, with it.
+  It is loaded, allocated and invoked on `_runner`'s inputs without XNNPACK
+  (LiteRT's builtin kernels, which refuse unsupported filter types only at
+  invoke) and, unless `xnnpack_runs` is False, with it; every output must be
+  finite (a kernel that misreads its filter type shows as NaN / inf).
   """
   path = os.path.abspath(os.fspath(path))
   if os.path.lexists(path):
@@ -782,7 +862,11 @@ def save(path: Union[str, os.PathLike], content: bytes, *,
                      "remove it first (export never overwrites).")
   for xnnpack in (False, True) if xnnpack_runs else (False,):
     try:
-      _runner(content, xnnpack=xnnpack).invoke()
+      runner = _runner(content, xnnpack=xnnpack)
+      runner.invoke()
+      for detail in runner.get_output_details():
+        if not np.all(np.isfinite(runner.get_tensor(detail["index"]))):
+          raise ValueError(f"output {detail['name']!r} is not finite")
     except Exception as error:  # The runtime raises RuntimeError/ValueError.
       raise ValueError(
           f"The rewritten .tflite does not run in the LiteRT interpreter "
@@ -794,16 +878,16 @@ def save(path: Union[str, os.PathLike], content: bytes, *,
 
 
 def read_weights(path: Union[str, os.PathLike]) -> dict[str, StoredWeight]:
-  """Every int8 / int4 weight of a conv / depthwise / fully-connected op, by
-  tensor name (the kernel's key for tensors `rewrite` wrote; sparse ones
-  densified, int4 ones unpacked)."""
+  """Every int8 / int4 / int2 weight of a conv / depthwise / fully-connected
+  op, by tensor name (the kernel's key for tensors `rewrite` wrote; sparse
+  ones densified, int4 / int2 ones unpacked)."""
   with open(path, "rb") as f:
     model = _load(f.read())
   graph = model.subgraphs[0]
   weights = {}
   for _, builtin, index, sparse in _weight_inputs(model):
     tensor = graph.tensors[index]
-    if tensor.type not in (_Type.INT8, _Type.INT4):
+    if tensor.type not in _DTYPE_OF:
       continue
     quantization = tensor.quantization
     weights[tensor.name.decode()] = StoredWeight(
@@ -813,7 +897,7 @@ def read_weights(path: Union[str, os.PathLike]) -> dict[str, StoredWeight]:
         quantized_dimension=int(quantization.quantizedDimension),
         op=_OP_NAMES[builtin],
         sparse=sparse,
-        dtype="int4" if tensor.type == _Type.INT4 else "int8")
+        dtype=_DTYPE_OF[tensor.type])
   return weights
 
 

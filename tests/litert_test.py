@@ -1,5 +1,5 @@
 """Tests for opq_tf.tf_keras.litert and opq_tf.litert_codes: the OPQ codes
-(int8 or int4) in a .tflite file that LiteRT runs, from both frontends."""
+(int8, int4 or int2) in a .tflite file that LiteRT runs, from both frontends."""
 
 import os
 import tempfile
@@ -74,6 +74,7 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     model.compile(keras.optimizers.Adam(3e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images, labels, batch_size=64, epochs=2, verbose=0)
+    cls.model = model
     cls.qmodel = opq_tf.apply(model, pruning_rate=0.7, bits=4)
     cls.stripped = opq_tf.strip(cls.qmodel)
     cls.images = images[:200]
@@ -265,7 +266,7 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
 
 
   # --------------------------------------------------------------------------
-  # int4 weights.
+  # int4 and int2 weights.
 
   def _assert_codes(self, path, qmodel, dtypes):
     """Every compressed kernel's stored integers are its codes (the signs of
@@ -282,16 +283,44 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
       np.testing.assert_array_equal(stored.zero_points, 0)
     return weights
 
+  def _stored(self, info):
+    """key -> stored type, from the facts."""
+    return {key: fact["dtype"] for key, fact in info["stored"].items()}
+
+  def test_packing_is_litert_s(self):
+    # LiteRT's UnpackPackedIntToInt8: first value in the lowest bits.
+    np.testing.assert_array_equal(
+        litert_codes.pack(np.array([1, -2, 0, -1, 1]), "int2"),
+        [0b11001001, 0b00000001])
+    np.testing.assert_array_equal(
+        litert_codes.pack(np.array([-1, 3, -8]), "int4"), [0x3F, 0x08])
+    rng = np.random.default_rng(0)
+    for dtype, low, high in (("int4", -8, 7), ("int2", -2, 1)):
+      for count in (1, 2, 3, 5, 8, 33):
+        values = rng.integers(low, high + 1, count).astype(np.int8)
+        np.testing.assert_array_equal(
+            litert_codes.unpack(litert_codes.pack(values, dtype), count, dtype),
+            values)
+
   def test_int4_stored_integers_are_the_codes(self):
     path, info = self.int4_path, self.int4_info
+    dtypes = self._stored(info)
     self.assertEqual((info["weights"], info["kernels_int4"],
-                      info["kernels_int8"], info["kernels_sparse"]),
-                     ("int4", 11, 0, 0))
-    self.assertEqual(info["int8_reasons"], {})
-    int4 = self._assert_codes(path, self.qmodel,
-                              {k.key: "int4" for k in _kernels(self.qmodel)})
+                      info["kernels_int8"], info["kernels_int2"],
+                      info["kernels_sparse"]), ("int4", 10, 1, 0, 1))
+    self.assertEqual(info["stored"]["logits/kernel"],
+                     {"op": "FULLY_CONNECTED", "bits": 4, "dtype": "int4",
+                      "why": "B = 4 fits int4, which LiteRT runs "
+                             "FULLY_CONNECTED with"})
+    int4 = self._assert_codes(path, self.qmodel, dtypes)
     int8 = litert.read_weights(self.path)  # The int8 file (CSR where smaller).
     for key, stored in int4.items():
+      # The one kernel pruned so far that int8 CSR beats dense int4.
+      self.assertEqual(stored.sparse, dtypes[key] == "int8")
+      if stored.sparse:
+        self.assertRegex(info["stored"][key]["why"],
+                         r"^int8 in CSR \([\d,]+ bytes\) is smaller than "
+                         r"dense int4")
       np.testing.assert_array_equal(stored.values, int8[key].values)
       np.testing.assert_array_equal(stored.scales, int8[key].scales)
       self.assertEqual(stored.quantized_dimension,
@@ -299,6 +328,11 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     # Half a byte per weight: 308 320 weights, ~158 kB; int8 dense ~312 kB.
     self.assertLess(info["bytes"], 0.55 * self.dense_info["bytes"])
     self.assertLess(info["bytes"], self.info["bytes"])  # Smaller than CSR.
+    dense_path = os.path.join(self.directory, "int4_dense.tflite")
+    dense = litert.convert(self.qmodel, dense_path, weights="int4",
+                           sparse=False)
+    self.assertEqual(dense["kernels_int4"], 11)
+    self.assertLess(info["bytes"], dense["bytes"])
 
   @parameterized.parameters(True, False)
   def test_int4_interpreter_follows_keras_on_digits(self, xnnpack):
@@ -313,11 +347,12 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
     path = os.path.join(self.directory, "hybrid_int4.tflite")
     info = litert.convert(qmodel, path, compute="hybrid", weights="int4")
-    (reason, keys), = info["int8_reasons"].items()
-    self.assertIn("DEPTHWISE_CONV_2D", reason)
-    self.assertEqual(keys, ["dw/depthwise_kernel"])
-    self._assert_codes(path, qmodel, {"dw/depthwise_kernel": "int8",
-                                      "pw/kernel": "int4", "fc/kernel": "int4"})
+    self.assertEqual(self._stored(info), {"dw/depthwise_kernel": "int8",
+                                          "pw/kernel": "int4",
+                                          "fc/kernel": "int4"})
+    self.assertIn("not int4: LiteRT 2.3 has no hybrid DEPTHWISE_CONV_2D",
+                  info["stored"]["dw/depthwise_kernel"]["why"])
+    self._assert_codes(path, qmodel, self._stored(info))
     images = np.random.default_rng(0).normal(size=(16, 12, 12, 3))
     for xnnpack in (True, False):
       result = litert.compare(path, opq_tf.strip(qmodel), images,
@@ -340,21 +375,111 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     result = litert.compare(path, self.stripped, self.test_images)
     self.assertGreaterEqual(result["top1_agreement"], 0.9)
 
-  def test_kernels_above_four_bits_stay_int8(self):
+  # What LiteRT 2.3 runs with int2 filters (B = 2 everywhere): every op under
+  # float compute; FULLY_CONNECTED only under hybrid and int8 activations,
+  # the convolutions then at int4 (hybrid depthwise: int8, as for int4).
+  @parameterized.parameters(
+      ("float", {"dw/depthwise_kernel": "int2", "pw/kernel": "int2",
+                 "fc/kernel": "int2"}),
+      ("hybrid", {"dw/depthwise_kernel": "int8", "pw/kernel": "int4",
+                  "fc/kernel": "int2"}),
+      ("int8", {"dw/depthwise_kernel": "int4", "pw/kernel": "int4",
+                "fc/kernel": "int2"}))
+  def test_int2_where_the_op_takes_it(self, compute, expected):
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=2)
+    images = np.random.default_rng(0).normal(size=(16, 12, 12, 3))
+    options = {"compute": compute}
+    if compute == "int8":
+      options = {"int8_activations": True, "representative_data": lambda: (
+          [image[None].astype(np.float32)] for image in images)}
+    path = os.path.join(self.directory, f"int2_{compute}.tflite")
+    info = litert.convert(qmodel, path, weights="int2", **options)
+    self.assertEqual(self._stored(info), expected)
+    for key, dtype in expected.items():
+      why = info["stored"][key]["why"]
+      if dtype == "int2":
+        self.assertTrue(why.startswith("B = 2 fits int2"), why)
+      else:
+        self.assertTrue(why.startswith("not int2: LiteRT 2.3"), why)
+    self._assert_codes(path, qmodel, expected)
+    for xnnpack in (True, False):
+      result = litert.compare(path, opq_tf.strip(qmodel), images,
+                              xnnpack=xnnpack)
+      self.assertEqual(result["top1_agreement"], 1.0)
+      if compute == "float":
+        self.assertLess(result["max_abs_logit_difference"], 1e-5)
+
+  def test_each_cannot_run_entry_still_fails(self):
+    """Every (type, compute, op) the writer avoids: without its entry, the
+    file is refused, or (hybrid int2 CONV_2D) runs far off Keras."""
+    keras.utils.set_random_seed(1)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=2)
+    images = np.random.default_rng(0).normal(size=(16, 12, 12, 3))
+    for entry in litert_codes._CANNOT_RUN:
+      dtype, compute, op = entry
+      with self.subTest(entry=entry):
+        options = {"compute": compute}
+        if compute == "int8":
+          options = {"int8_activations": True, "representative_data": lambda: (
+              [image[None].astype(np.float32)] for image in images)}
+        path = os.path.join(self.directory, "cannot_%s_%s_%s.tflite" % entry)
+        rest = {k: v for k, v in litert_codes._CANNOT_RUN.items()
+                if k != entry}
+        with mock.patch.dict(litert_codes._CANNOT_RUN, rest, clear=True):
+          try:
+            info = litert.convert(qmodel, path, weights=dtype, **options)
+          except ValueError as error:
+            self.assertIn("does not run in the LiteRT interpreter", str(error))
+            self.assertFalse(os.path.exists(path))
+            continue
+        self.assertEqual(entry, ("int2", "hybrid", "conv_2d"))
+        self.assertEqual(info["stored"]["pw/kernel"]["dtype"], "int2")
+        result = litert.compare(path, opq_tf.strip(qmodel), images,
+                                xnnpack=False)
+        self.assertGreater(result["max_abs_logit_difference"], 0.1)
+
+  @parameterized.parameters("int4", "int2")
+  def test_kernels_above_four_bits_stay_int8(self, weights):
     keras.utils.set_random_seed(1)
     qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4,
-                          overrides={"fc": {"bits": 6}})
-    path = os.path.join(self.directory, "mixed_bits.tflite")
-    info = litert.convert(qmodel, path, weights="int4")
-    self.assertEqual(info["int8_reasons"],
-                     {"B = 6 > 4: its codes need int8": ["fc/kernel"]})
-    self.assertEqual(info["bits"], [4, 6])
-    self._assert_codes(path, qmodel, {"dw/depthwise_kernel": "int4",
-                                      "pw/kernel": "int4", "fc/kernel": "int8"})
+                          overrides={"fc": {"bits": 6}, "pw": {"bits": 3}})
+    path = os.path.join(self.directory, f"mixed_bits_{weights}.tflite")
+    info = litert.convert(qmodel, path, weights=weights)
+    self.assertEqual(info["bits"], [3, 4, 6])
+    expected = {"dw/depthwise_kernel": "int4", "pw/kernel": "int4",
+                "fc/kernel": "int8"}
+    self.assertEqual(self._stored(info), expected)
+    self.assertEqual(info["stored"]["fc/kernel"]["why"],
+                     "not int4: B = 6 > 4" if weights == "int4" else
+                     "not int2: B = 6 > 2; not int4: B = 6 > 4")
+    self.assertEqual(info["stored"]["pw/kernel"]["why"],
+                     "B = 3 fits int4, which LiteRT runs CONV_2D with"
+                     if weights == "int4" else "not int2: B = 3 > 2")
+    self._assert_codes(path, qmodel, expected)
+
+  def test_mixed_plan_stores_each_kernel_at_its_smallest_type(self):
+    # A 3-bit budget: B from 2 to 6 here (at 4 bits, the least B is 3).
+    plan = opq_tf.allocate(self.model, 0.5, bits="mixed", average_bits=3,
+                           bits_range=(2, 8))
+    qmodel = opq_tf.apply(self.model, plan)
+    path = os.path.join(self.directory, "mixed_plan.tflite")
+    info = litert.convert(qmodel, path, weights="int2")
+    smallest = {kernel.key: ("int2" if kernel.bits <= 2 else
+                             "int4" if kernel.bits <= 4 else "int8")
+                for kernel in _kernels(qmodel)}
+    # Under float compute every op runs int2 and int4 filters.
+    self.assertEqual(self._stored(info), smallest)
+    self.assertEqual(set(smallest.values()), {"int2", "int4", "int8"})
+    self._assert_codes(path, qmodel, smallest)
+    result = litert.compare(path, opq_tf.strip(qmodel), self.test_images,
+                            self.test_labels)
+    self.assertEqual(result["top1_agreement"], 1.0)
 
   def test_auto_says_what_it_chose(self):
     keras.utils.set_random_seed(1)
-    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
+    qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4,
+                          overrides={"fc": {"bits": 2}})
     path = os.path.join(self.directory, "auto.tflite")
     info = litert.convert(qmodel, path, weights="auto")
     auto = info["auto"]
@@ -362,23 +487,25 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     self.assertGreater(auto["all_int8_ms"], 0)
     ops = {"dw/depthwise_kernel": "DEPTHWISE_CONV_2D", "pw/kernel": "CONV_2D",
            "fc/kernel": "FULLY_CONNECTED"}
+    narrow = {"dw/depthwise_kernel": "int4", "pw/kernel": "int4",
+              "fc/kernel": "int2"}
     self.assertEqual(sorted(auto.keys() - {"measured", "all_int8_ms"}),
                      sorted(set(ops.values())))
-    dtypes = {key: auto[op]["chose"] for key, op in ops.items()}
+    dtypes = {key: narrow[key] if auto[op]["chose"] == "narrow" else "int8"
+              for key, op in ops.items()}
+    self.assertEqual(self._stored(info), dtypes)
     self._assert_codes(path, qmodel, dtypes)
-    self.assertEqual(info["kernels_int4"],
-                     sum(d == "int4" for d in dtypes.values()))
-    for reason, keys in info["int8_reasons"].items():
-      self.assertTrue(reason.startswith("auto: "), reason)
-      self.assertTrue(all(dtypes[key] == "int8" for key in keys))
+    for key, dtype in dtypes.items():
+      if dtype == "int8":
+        self.assertTrue(info["stored"][key]["why"].startswith("auto: "))
 
   def test_unrunnable_file_is_never_written(self):
     keras.utils.set_random_seed(1)
     qmodel = opq_tf.apply(_plain_model(), pruning_rate=0.5, bits=4)
     path = os.path.join(self.directory, "unrunnable.tflite")
-    # Without the table of what LiteRT cannot run in int4, the hybrid
-    # depthwise kernel gets an int4 filter, which the interpreter refuses.
-    with mock.patch.dict(litert_codes._NO_INT4, clear=True):
+    # Without the table of what LiteRT cannot run, the hybrid depthwise
+    # kernel gets an int4 filter, which the interpreter refuses.
+    with mock.patch.dict(litert_codes._CANNOT_RUN, clear=True):
       with self.assertRaisesRegex(ValueError,
                                   "does not run in the LiteRT interpreter"):
         litert.convert(qmodel, path, compute="hybrid", weights="int4")
@@ -399,11 +526,12 @@ class LitertTest(tf.test.TestCase, parameterized.TestCase):
     report = opq_tf.export(self.qmodel, os.path.join(self.directory, "export"),
                            formats=("packed",), litert=True,
                            litert_weights="int4")
-    self.assertEqual(report["litert"]["kernels_int4"], 11)
+    self.assertEqual(report["litert"]["stored"], self.int4_info["stored"])
     path = os.path.join(self.directory, "export", "model.tflite")
     self.assertEqual(report["litert"]["bytes"], os.path.getsize(path))
-    self.assertEqual({w.dtype for w in litert.read_weights(path).values()},
-                     {"int4"})
+    self.assertEqual({key: w.dtype for key, w in
+                      litert.read_weights(path).items()},
+                     self._stored(self.int4_info))
 
 
 def _keras3_model(keras3):
@@ -419,28 +547,38 @@ def _keras3_model(keras3):
 class Keras3LitertTest(parameterized.TestCase):
   """Keras 3 (TensorFlow backend) writes its .tflite with the shared writer."""
 
-  @parameterized.parameters("int8", "int4")
+  @parameterized.parameters("int8", "int4", "int2")
   def test_stored_integers_are_the_codes(self, weights):
+    """B = 2, 4 and 6 kernels, each at its smallest type from `weights` up
+    (float compute: every op runs int4 and int2 filters)."""
     import keras as keras3  # pylint: disable=g-import-not-at-top
     from opq_tf.keras3 import wrapping as keras3_wrapping  # pylint: disable=g-import-not-at-top
 
     if keras3.backend.backend() != "tensorflow":
       self.skipTest("LiteRT export needs Keras 3's TensorFlow backend")
     keras3.utils.set_random_seed(0)
-    qmodel = opq_tf.apply(_keras3_model(keras3), pruning_rate=0.5, bits=4)
+    qmodel = opq_tf.apply(_keras3_model(keras3), pruning_rate=0.5, bits=4,
+                          overrides={"ff": {"bits": 2}, "fc": {"bits": 6}})
     directory = os.path.join(tempfile.mkdtemp(), "out")
     report = opq_tf.export(qmodel, directory, formats=("packed",),
                            litert=True, litert_weights=weights)
     path = os.path.join(directory, "model.tflite")
     kernels = keras3_wrapping.compressed_kernels(qmodel)
     self.assertLen(kernels, 7)  # 4 EinsumDense, 2 Dense, 1 Conv1D.
-    self.assertEqual(report["litert"][f"kernels_{weights}"], 7)
+    holds = {"int2": 2, "int4": 4, "int8": 8}  # The largest B of each type.
+    types = litert_codes.DTYPES[litert_codes.DTYPES.index(weights):]
+    expected = {kernel.key: next(t for t in types if kernel.bits <= holds[t])
+                for kernel in kernels}
+    self.assertEqual(sorted({k.bits for k in kernels}), [2, 4, 6])
+    for dtype in litert_codes.DTYPES:
+      self.assertEqual(report["litert"][f"kernels_{dtype}"],
+                       list(expected.values()).count(dtype))
     stored = litert_codes.read_weights(path)
     self.assertEqual(sorted(stored), sorted(k.key for k in kernels))
     for kernel in kernels:
       codes = np.moveaxis(kernel.codes, kernel.channel_axes,
                           range(len(kernel.channel_axes)))
-      self.assertEqual(stored[kernel.key].dtype, weights)
+      self.assertEqual(stored[kernel.key].dtype, expected[kernel.key])
       np.testing.assert_array_equal(
           stored[kernel.key].values.reshape(-1),
           codes.reshape(-1), err_msg=kernel.key)

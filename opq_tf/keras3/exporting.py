@@ -171,8 +171,9 @@ def export(
       inputs with a free batch dimension).
     litert: the same as adding "litert" to `formats`.
     litert_weights: "int8", "int4" (B <= 4 kernels as int4 codes where
-      LiteRT runs their op so; the report says which stayed int8 and why) or
-      "auto" (int4 per op type where measured no slower).
+      LiteRT runs their op so), "int2" (also B <= 2 kernels as int2 codes:
+      each kernel at its smallest type) or "auto" (per op type where
+      measured no slower); the report says per kernel what and why.
 
   Returns:
     The report (also written to report.json).

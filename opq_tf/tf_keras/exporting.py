@@ -104,9 +104,10 @@ def export(
     litert_int8_activations: quantize the .tflite's activations to int8 too
       (needs `representative_data`, a function yielding [one-image batch]).
     litert_weights: "int8", "int4" (B <= 4 kernels as int4 codes where
-      LiteRT runs their op so, the rest int8, and the report says why) or
-      "auto" (int4 per op type where measured no slower; the report gives
-      the latencies and the choice).
+      LiteRT runs their op so, the rest int8), "int2" (also B <= 2 kernels
+      as int2 codes where the op runs them: each kernel at its smallest
+      type) or "auto" (per op type where measured no slower); the report's
+      litert "stored" says per kernel what was stored and why.
     representative_data: see litert_int8_activations.
 
   Returns:

@@ -1,7 +1,7 @@
 """LiteRT (.tflite) export of a tf_keras model whose weights are the OPQ codes.
 
     info = litert.convert(qmodel, "out/model.tflite")        # float activations
-    info = litert.convert(qmodel, "out/model.tflite", weights="int4")
+    info = litert.convert(qmodel, "out/model.tflite", weights="int2")
     weights = litert.read_weights("out/model.tflite")        # key -> StoredWeight
     litert.compare("out/model.tflite", opq_tf.strip(qmodel), images)
 
@@ -9,7 +9,7 @@ TensorFlow's converter turns the stripped float model into a .tflite (graph
 lowering, BatchNormalization folding, fusions); `opq_tf.litert_codes`, the
 writer both frontends share, then replaces every compressed Conv2D /
 DepthwiseConv2D / Dense weight by the OPQ codes (int8, or int4 for B <= 4
-where LiteRT runs it), zero point 0, scale = step x the factor the converter
+and int2 for B <= 2 where LiteRT runs them), zero point 0, scale = step x the factor the converter
 folded in. This module is the tf_keras side: the converter calls, the layer
 table's LiteRT op per kernel, and the facts report.json records.
 
@@ -41,10 +41,11 @@ from opq_tf.tf_keras._keras import keras, tf
 
 LITERT_FILE = "model.tflite"
 BITS_NOTE = (
-    "Codes of B <= 4 bits are stored in int4 with litert weights 'int4' "
-    "(or 'auto', per op type by measured latency), others in int8 (one byte "
-    "per weight, pruned ones possibly in CSR form); model.opq (entropy-coded) "
-    "stays the smallest artefact.")
+    "Codes of B <= 4 bits are stored in int4 with litert weights 'int4', "
+    "B <= 2 also in int2 with 'int2' (each where its op runs it; 'auto': per "
+    "op type by measured latency), others in int8 (one byte per weight, "
+    "pruned ones possibly in CSR form); 'stored' says per kernel; model.opq "
+    "(entropy-coded) stays the smallest artefact.")
 COMPUTES = ("float", "hybrid")
 
 
@@ -125,8 +126,9 @@ def write(
     representative_data: a zero-argument callable yielding lists of input
       batches, as `TFLiteConverter.representative_dataset` wants (a few
       hundred training images); required with `int8_activations`.
-    sparse: store an int8 kernel in CSR form behind DENSIFY where that is
-      smaller (float activations only). Default: with compute="float" only.
+    sparse: store a kernel in int8 CSR form behind DENSIFY where that is
+      smaller than its dense form, int8 or (asked) int4 / int2 (float
+      activations only). Default: with compute="float" only.
       LiteRT 2.3's default XNNPACK delegate fails to prepare a hybrid conv fed
       by DENSIFY (the converter's own EXPERIMENTAL_SPARSITY output fails the
       same way), so a sparse hybrid file runs only with XNNPACK off
@@ -136,16 +138,19 @@ def write(
       load; the logits are Keras'); "hybrid": LiteRT's dynamic-range kernels
       (integer weights, activations quantized on the fly), as the converter's
       Optimize.DEFAULT writes them.
-    weights: "int8"; "int4": kernels of B <= 4 stored as int4 codes (two a
-      byte) where LiteRT runs their op with int4 filters, the others int8
-      (the facts say which and why); "auto": int4 per op type where the
-      interpreter measured it no slower than int8 (the facts give the
-      latencies and the choice).
+    weights: the narrowest stored type: "int8"; "int4": kernels of B <= 4
+      stored as int4 codes (two a byte) where LiteRT runs their op with
+      int4 filters, the others int8; "int2": also kernels of B <= 2 as int2
+      codes (four a byte) where their op runs int2 filters, so each kernel
+      (of a mixed plan too) gets the smallest type that holds its codes;
+      "auto": "int2"'s choice per op type where the interpreter measured it
+      no slower than int8 (the facts give the latencies and the choice).
+      The facts' "stored" says per kernel what was stored and why.
 
   Returns:
     What report.json records under "litert": file name, bytes, gzip bytes,
-    activations, conversion method, kernel counts per stored type, why
-    kernels stayed int8, and the bits note.
+    activations, conversion method, kernel counts per stored type, per
+    kernel what was stored and why ("stored"), and the bits note.
 
   Raises:
     ValueError: the model was never applied, `path` exists, the converter
@@ -199,7 +204,10 @@ def write(
              else "float") +
           "); each compressed kernel's tensor rewritten as OPQ codes ("
           + {"int8": "int8", "int4": "int4 where B <= 4 and the op runs it",
-             "auto": "int4 per op type where measured no slower"}[weights] +
+             "int2": "int2 where B <= 2, int4 where B <= 4, each where the "
+                     "op runs it",
+             "auto": "int2 / int4 per op type where measured no slower"
+             }[weights] +
           "), zero point 0, scale = step x the BatchNormalization factor the "
           "converter folded into it (1 when none)"
           + ("" if int8_activations else
