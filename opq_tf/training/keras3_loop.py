@@ -108,31 +108,12 @@ class _TensorFlowStep:
   def __init__(self, model, optimizer, strategy, global_batch_size: int,
                weight_decay: float, jit_compile: bool):
     strategy = strategy or tf.distribute.get_strategy()
-    trainable = model.trainable_variables
     kernels = decayed_kernels(model)
-
-    def forward_backward(images, labels):
-      with tf.GradientTape() as tape:
-        logits = model(images, training=True)
-        cross_entropy = tf.nn.compute_average_loss(
-            keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True),
-            global_batch_size=global_batch_size)
-        loss = cross_entropy
-        if weight_decay and kernels:
-          loss += tf.nn.scale_regularization_loss(kernel_l2(kernels,
-                                                            weight_decay))
-      correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1),
-                                      tf.float32))
-      return cross_entropy, correct, tape.gradient(loss, trainable)
-
-    if jit_compile:  # XLA cannot hold a cross-replica sync (merge_call).
-      forward_backward = tf.function(forward_backward, jit_compile=True)
-
-    def replica_step(images, labels):
-      cross_entropy, correct, gradients = forward_backward(images, labels)
-      optimizer.apply_gradients(zip(gradients, trainable))
-      return tf.stack([cross_entropy, correct])
+    replica_step = loop.make_replica_step(
+        model, optimizer, global_batch_size=global_batch_size,
+        decay=((lambda: kernel_l2(kernels, weight_decay))
+               if weight_decay and kernels else None),
+        jit_compile=jit_compile)
 
     @tf.function
     def step(images, labels):
@@ -420,7 +401,7 @@ def _train_batches(config: ml_collections.ConfigDict, strategy: Any,
                    data_dir: str, epoch: int, skip: int):
   """Epoch `epoch`'s batches with `skip` steps skipped: a distributed
   iterator (TensorFlow) or this process's share as NumPy (JAX)."""
-  dataset_fn = loop._train_dataset_fn(config, data_dir, epoch, skip)  # pylint: disable=protected-access
+  dataset_fn = loop.train_dataset_fn(config, data_dir, epoch, skip)
   if _backend() != "jax":
     return iter(strategy.distribute_datasets_from_function(dataset_fn))
   layouts = _Layouts(strategy)
@@ -441,7 +422,7 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict, strategy: Any,
     (last epoch), "seconds", "images_per_second", "resumed_from_step"}.
   """
   chief = distribute.is_chief(strategy)
-  steps_per_epoch = loop._steps_per_epoch(config, data_dir)  # pylint: disable=protected-access
+  steps_per_epoch = loop.epoch_length(config, data_dir)
   total_steps = epochs * steps_per_epoch
   schedule = learning_rate_schedule(
       learning_rate, round(warmup_epochs * steps_per_epoch), total_steps)
@@ -491,9 +472,9 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict, strategy: Any,
             if log or progbar else None)
       if log:
         with writer.as_default(step=step):
-          loop._scalar("train/loss", loss)  # pylint: disable=protected-access
-          loop._scalar("train/accuracy", correct / global_batch)  # pylint: disable=protected-access
-          loop._scalar("train/learning_rate", lr)  # pylint: disable=protected-access
+          loop.scalar("train/loss", loss)
+          loop.scalar("train/accuracy", correct / global_batch)
+          loop.scalar("train/learning_rate", lr)
         if progbar is None:
           logging.info("%s epoch %d/%d step %d/%d: loss %.4f accuracy %.4f "
                        "lr %.5g", phase, epoch + 1, epochs, step, total_steps,
@@ -510,10 +491,10 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict, strategy: Any,
     last = {"train_loss": epoch_loss / max(epoch_steps, 1),
             "train_accuracy": epoch_correct / max(epoch_steps * global_batch, 1)}
     with writer.as_default(step=step):
-      loop._scalar("epoch/loss", last["train_loss"])  # pylint: disable=protected-access
-      loop._scalar("epoch/accuracy", last["train_accuracy"])  # pylint: disable=protected-access
+      loop.scalar("epoch/loss", last["train_loss"])
+      loop.scalar("epoch/accuracy", last["train_accuracy"])
       if compressed:
-        loop._scalar("compression/sparsity", _compressed_sparsity(model))  # pylint: disable=protected-access
+        loop.scalar("compression/sparsity", _compressed_sparsity(model))
     logging.info("%s epoch %d/%d done: loss %.4f accuracy %.4f (%.1f s)", phase,
                  epoch + 1, epochs, last["train_loss"], last["train_accuracy"],
                  time.time() - started)

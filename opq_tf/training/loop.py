@@ -104,7 +104,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def _steps_per_epoch(config: ml_collections.ConfigDict, data_dir: str) -> int:
+def epoch_length(config: ml_collections.ConfigDict, data_dir: str) -> int:
   """config.steps_per_epoch, or (when it is 0) one pass over the train split."""
   if config.steps_per_epoch:
     return config.steps_per_epoch
@@ -116,7 +116,7 @@ def _steps_per_epoch(config: ml_collections.ConfigDict, data_dir: str) -> int:
   return steps
 
 
-def _train_dataset_fn(config: ml_collections.ConfigDict, data_dir: str,
+def train_dataset_fn(config: ml_collections.ConfigDict, data_dir: str,
                       epoch: int, skip_steps: int) -> Callable[[Any], Any]:
   """Epoch `epoch`'s dataset_fn (seed config.seed + epoch), `skip_steps` skipped.
 
@@ -143,7 +143,7 @@ _SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
         "data_class"].enum_type.values_by_name["DATA_CLASS_SCALAR"].number)
 
 
-def _scalar(tag: str, value: float) -> None:
+def scalar(tag: str, value: float) -> None:
   """tf.summary.scalar without the tensorboard package (same event format)."""
   tf.summary.write(tag, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
 
@@ -162,6 +162,45 @@ def kernel_l2(model: keras.Model, weight_decay: float) -> tf.Tensor:
     return tf.constant(0.0)
   return 0.5 * float(weight_decay) * tf.add_n(
       [tf.reduce_sum(tf.square(kernel)) for kernel in kernels])
+
+
+def make_replica_step(model: Any, optimizer: Any, *, global_batch_size: int,
+                      decay: Optional[Callable[[], tf.Tensor]],
+                      jit_compile: bool
+                      ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """One replica's share of a synchronous SGD step, for `strategy.run`.
+
+  The same for a tf_keras and a Keras 3 model on TensorFlow (keras3_loop
+  runs it too): the cross-entropy averaged over the global batch, plus
+  `decay()` (the weight decay, scaled by the replica count), its gradient
+  applied by `optimizer`. Returns replica_step(images, labels) -> float32
+  [2]: the cross-entropy and the number of correct top-1 predictions.
+  """
+  trainable = model.trainable_variables
+
+  def forward_backward(images, labels):
+    with tf.GradientTape() as tape:
+      logits = tf.cast(model(images, training=True), tf.float32)
+      cross_entropy = tf.nn.compute_average_loss(
+          tf.nn.sparse_softmax_cross_entropy_with_logits(
+              tf.cast(labels, tf.int32), logits),
+          global_batch_size=global_batch_size)
+      loss = cross_entropy
+      if decay is not None:
+        loss += tf.nn.scale_regularization_loss(decay())
+    correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1),
+                                    tf.float32))
+    return cross_entropy, correct, tape.gradient(loss, trainable)
+
+  if jit_compile:  # XLA cannot hold a cross-replica sync (merge_call).
+    forward_backward = tf.function(forward_backward, jit_compile=True)
+
+  def replica_step(images, labels):
+    cross_entropy, correct, gradients = forward_backward(images, labels)
+    optimizer.apply_gradients(zip(gradients, trainable))
+    return tf.stack([cross_entropy, correct])
+
+  return replica_step
 
 
 def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -185,29 +224,10 @@ def make_train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
     the update. `iterator` yields (images, labels) per-replica batches, e.g.
     iter(strategy.distribute_datasets_from_function(...)).
   """
-  trainable = model.trainable_variables
-
-  def forward_backward(images, labels):
-    with tf.GradientTape() as tape:
-      logits = model(images, training=True)
-      cross_entropy = tf.nn.compute_average_loss(
-          keras.losses.sparse_categorical_crossentropy(
-              labels, logits, from_logits=True),
-          global_batch_size=global_batch_size)
-      loss = cross_entropy
-      if weight_decay:
-        loss += tf.nn.scale_regularization_loss(kernel_l2(model, weight_decay))
-    correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1),
-                                    tf.float32))
-    return cross_entropy, correct, tape.gradient(loss, trainable)
-
-  if jit_compile:  # XLA cannot hold a cross-replica sync (merge_call).
-    forward_backward = tf.function(forward_backward, jit_compile=True)
-
-  def replica_step(images, labels):
-    cross_entropy, correct, gradients = forward_backward(images, labels)
-    optimizer.apply_gradients(zip(gradients, trainable))
-    return tf.stack([cross_entropy, correct])
+  replica_step = make_replica_step(
+      model, optimizer, global_batch_size=global_batch_size,
+      decay=(lambda: kernel_l2(model, weight_decay)) if weight_decay else None,
+      jit_compile=jit_compile)
 
   @tf.function
   def train_step(iterator):
@@ -329,7 +349,7 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
      "images_per_second", "resumed_from_step"}.
   """
   chief = distribute.is_chief(strategy)
-  steps_per_epoch = _steps_per_epoch(config, data_dir)
+  steps_per_epoch = epoch_length(config, data_dir)
   total_steps = epochs * steps_per_epoch
   schedule = WarmupCosine(learning_rate, round(warmup_epochs * steps_per_epoch),
                           total_steps)
@@ -368,7 +388,7 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
   for epoch in range(start_step // steps_per_epoch, epochs):
     skip = step - epoch * steps_per_epoch
     iterator = iter(strategy.distribute_datasets_from_function(
-        _train_dataset_fn(config, data_dir, epoch, skip)))
+        train_dataset_fn(config, data_dir, epoch, skip)))
     progbar = (keras.utils.Progbar(steps_per_epoch, stateful_metrics=["lr"])
                if chief and sys.stdout.isatty() else None)
     epoch_loss = epoch_correct = 0.0
@@ -384,9 +404,9 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
       lr = float(schedule(step - 1)) if log or progbar else None
       if log:
         with writer.as_default(step=step):
-          _scalar("train/loss", loss)
-          _scalar("train/accuracy", correct / global_batch)
-          _scalar("train/learning_rate", lr)
+          scalar("train/loss", loss)
+          scalar("train/accuracy", correct / global_batch)
+          scalar("train/learning_rate", lr)
         if progbar is None:
           logging.info("%s epoch %d/%d step %d/%d: loss %.4f accuracy %.4f lr %.5g",
                        phase, epoch + 1, epochs, step, total_steps, loss,
@@ -406,10 +426,10 @@ def fit(model: keras.Model, config: ml_collections.ConfigDict,
     last = {"train_loss": epoch_loss / max(epoch_steps, 1),
             "train_accuracy": epoch_correct / max(epoch_steps * global_batch, 1)}
     with writer.as_default(step=step):
-      _scalar("epoch/loss", last["train_loss"])
-      _scalar("epoch/accuracy", last["train_accuracy"])
+      scalar("epoch/loss", last["train_loss"])
+      scalar("epoch/accuracy", last["train_accuracy"])
       if compressed:
-        _scalar("compression/sparsity", _compressed_sparsity(model))
+        scalar("compression/sparsity", _compressed_sparsity(model))
     logging.info("%s epoch %d/%d done: loss %.4f accuracy %.4f (%.1f s)", phase,
                  epoch + 1, epochs, last["train_loss"], last["train_accuracy"],
                  time.time() - started)
