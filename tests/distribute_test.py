@@ -7,7 +7,6 @@ at distribute.barrier before they report who they are.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from absl.testing import parameterized
 
 from opq_tf.training import distribute
 import cpu_devices
+import processes
 from opq_tf.tf_keras._keras import tf
 
 
@@ -34,29 +34,19 @@ print("TASK", json.dumps({"chief": distribute.is_chief(strategy),
 """
 
 
-def _free_ports(count: int) -> list[int]:
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("localhost", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _start_cluster(task_types: list[str]) -> list[subprocess.Popen]:
   """One process per task, each making MultiWorkerMirroredStrategy from its
   TF_CONFIG, in the order of `task_types`."""
-  ports = iter(_free_ports(len(task_types)))
+  ports = iter(processes.free_ports(len(task_types)))
   cluster, tasks = {}, []
   for task_type in task_types:
     cluster.setdefault(task_type, []).append(f"localhost:{next(ports)}")
     tasks.append({"type": task_type, "index": len(cluster[task_type]) - 1})
-  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
   return [subprocess.Popen(
       [sys.executable, "-c", _TASK], cwd=_ROOT, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      env={**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": task})})
+      env=processes.environment(TF_CONFIG=json.dumps({"cluster": cluster,
+                                                      "task": task})))
           for task in tasks]
 
 
