@@ -2,6 +2,8 @@
 
     python -m benchmarks.calibration_speed                      # both models
     python -m benchmarks.calibration_speed --models=mobilenet --images=100
+    KERAS_BACKEND=jax python -m benchmarks.calibration_speed --frontend=keras3 \
+        --quick                                # Keras 3 on JAX, a few minutes
 
 Targets: MobileNet-V1 0.75 (real ImageNet weights), full reconstruction with
 error feedback and BatchNorm re-estimation, <= 60 s on 2 cores for 500
@@ -11,6 +13,12 @@ the first --images of the real images in ../shared/data/imagenet_mobilenet
 (random weights: the time does not depend on their values), it uses seeded
 random images of the same shape and says so. Each model is compressed with
 opq defaults at (p, B) = (--pruning_rate, --bits), then calibrated once.
+
+--frontend picks the tf_keras (tfmot) or the Keras 3 frontend (on the
+backend KERAS_BACKEND names; the same .h5 weights load into Keras 3's
+MobileNet). --quick is MobileNet on 100 images, written nowhere unless
+--output is given: a minutes-long check of a change, not the target's
+figure.
 
 Reports wall time, CPU time (time.process_time: every thread of the process,
 so that a machine shared with other jobs shows as wall > CPU / cores) and the
@@ -32,7 +40,6 @@ import numpy as np
 
 import opq_tf
 from opq_tf.core import files
-from opq_tf.tf_keras._keras import keras, tf
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 _DATA = os.path.join(_ROOT, os.pardir, "shared", "data", "imagenet_mobilenet")
@@ -42,9 +49,30 @@ _MODELS = flags.DEFINE_list("models", ["mobilenet", "resnet50"],
 _IMAGES = flags.DEFINE_integer("images", 500, "Calibration images.")
 _PRUNING_RATE = flags.DEFINE_float("pruning_rate", 0.5, "p of the plan.")
 _BITS = flags.DEFINE_integer("bits", 8, "B of the plan.")
+_FRONTEND = flags.DEFINE_enum(
+    "frontend", "tf_keras", ["tf_keras", "keras3"],
+    "tf_keras, or keras3 (on the backend KERAS_BACKEND names).")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "MobileNet on 100 images, no results file by default.")
 _OUTPUT = flags.DEFINE_string(
-    "output", os.path.join(_ROOT, "docs", "calibration_speed_results.md"),
-    "Where the results table goes ('' for nowhere).")
+    "output", None,
+    "Where the results table goes ('' for nowhere); default "
+    "docs/calibration_speed_results.md (tf_keras) or "
+    "docs/calibration_speed_keras3_results.md, nowhere with --quick.")
+
+_QUICK_IMAGES = 100
+
+
+def _keras():
+  """(the frontend's keras module, a version line for the results)."""
+  if _FRONTEND.value == "keras3":
+    import keras  # pylint: disable=g-import-not-at-top
+
+    return keras, (f"Keras {keras.__version__} on "
+                   f"{keras.backend.backend()}")
+  from opq_tf.tf_keras._keras import keras, tf  # pylint: disable=g-import-not-at-top
+
+  return keras, f"tf_keras, TensorFlow {tf.__version__}"
 
 
 def _real_images(count: int) -> np.ndarray | None:
@@ -54,18 +82,22 @@ def _real_images(count: int) -> np.ndarray | None:
     return None
   names = sorted(n for n in os.listdir(folder) if n.endswith(".JPEG"))[:count]
   crops = []
+  # PIL, not tf.io: no TensorFlow import on the JAX or PyTorch backend (the
+  # time does not depend on the decoder's last bit).
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
   for name in names:
-    image = tf.io.decode_jpeg(tf.io.read_file(os.path.join(folder, name)), 3)
-    if min(image.shape[0], image.shape[1]) < 224:  # as benchmarks/pretrained
-      image = tf.image.resize(image, (224, 224))
-    top, left = (image.shape[0] - 224) // 2, (image.shape[1] - 224) // 2
-    crops.append(tf.cast(image[top:top + 224, left:left + 224], tf.float32)
-                 .numpy() / 127.5 - 1)
+    with Image.open(os.path.join(folder, name)) as file:
+      image = file.convert("RGB")
+    if min(image.size) < 224:  # as benchmarks/pretrained
+      image = image.resize((224, 224), Image.BILINEAR)
+    left, top = (image.size[0] - 224) // 2, (image.size[1] - 224) // 2
+    crop = image.crop((left, top, left + 224, top + 224))
+    crops.append(np.asarray(crop, np.float32) / 127.5 - 1)
   return np.stack(crops)
 
 
-def _model_and_images(name: str, count: int) -> tuple[keras.Model, np.ndarray,
-                                                     str]:
+def _model_and_images(keras, name: str, count: int) -> tuple:
   """(FP32 model, calibration images, what they are)."""
   keras.utils.set_random_seed(0)
   random_images = lambda: np.random.RandomState(0).uniform(
@@ -86,8 +118,8 @@ def _model_and_images(name: str, count: int) -> tuple[keras.Model, np.ndarray,
                        "and/or resnet50.")
 
 
-def _measure(name: str) -> dict:
-  model, images, source = _model_and_images(name, _IMAGES.value)
+def _measure(keras, name: str, count: int) -> dict:
+  model, images, source = _model_and_images(keras, name, count)
   plan = opq_tf.allocate(model, pruning_rate=_PRUNING_RATE.value,
                          bits=_BITS.value)
   qmodel = opq_tf.apply(model, plan)
@@ -105,16 +137,25 @@ def _measure(name: str) -> dict:
 
 def main(argv):
   del argv
+  keras, version = _keras()
+  names, count = ((["mobilenet"], _QUICK_IMAGES) if _QUICK.value
+                  else (_MODELS.value, _IMAGES.value))
+  output = _OUTPUT.value
+  if output is None:
+    output = "" if _QUICK.value else os.path.join(
+        _ROOT, "docs", "calibration_speed_results.md"
+        if _FRONTEND.value == "tf_keras" else
+        "calibration_speed_keras3_results.md")
   rows = []
-  for name in _MODELS.value:
-    rows.append(_measure(name))
+  for name in names:
+    rows.append(_measure(keras, name, count))
     print(rows[-1], flush=True)
   lines = [
       "# calibrate(reconstruct=True) speed (benchmarks/calibration_speed.py)",
       "",
       f"{datetime.date.today().isoformat()}, {platform.node()}, "
       f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-      f"TensorFlow {tf.__version__}; opq defaults at p = "
+      f"{version}; opq defaults at p = "
       f"{_PRUNING_RATE.value}, B = {_BITS.value}, BatchNorm re-estimation and "
       "reconstruction with error feedback. CPU time is time.process_time "
       "(all threads); peak memory is the process's maximum resident set "
@@ -129,8 +170,8 @@ def main(argv):
             f"{r['peak_rss_gib']:.1f} |" for r in rows]
   text = "\n".join(lines) + "\n"
   print(text)
-  if _OUTPUT.value:
-    files.atomic_write(_OUTPUT.value, text)
+  if output:
+    files.atomic_write(output, text)
 
 
 if __name__ == "__main__":
