@@ -71,7 +71,7 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
     workdir = os.path.join(self.root, "multi_worker")
     ports = processes.free_ports(2)
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
-    processes, outputs, temp_dirs = [], [], []
+    children, outputs, temp_dirs = [], [], []
     for index in range(2):
       out = os.path.join(self.root, f"worker{index}.npz")
       outputs.append(out)
@@ -80,13 +80,13 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
       os.makedirs(temp_dirs[-1])
       tf_config = json.dumps({"cluster": cluster,
                               "task": {"type": "worker", "index": index}})
-      processes.append(subprocess.Popen(
+      children.append(subprocess.Popen(
           [sys.executable, "-c", _WORKER, workdir, self.data_dir, out],
           cwd=_ROOT, env=processes.environment(TF_CONFIG=tf_config,
                                       TMPDIR=temp_dirs[-1]),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=_TIMEOUT)[0] for p in processes]
-    for process, log in zip(processes, logs):
+    logs = [p.communicate(timeout=_TIMEOUT)[0] for p in children]
+    for process, log in zip(children, logs):
       self.assertEqual(process.returncode, 0, log[-3000:])
       self.assertIn("STEPS 3", log)
     first, second = np.load(outputs[0]), np.load(outputs[1])
@@ -140,18 +140,18 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
             {"cluster": cluster, "task": {"type": "worker", "index": index}})),
         **output) for index in range(workers)]
 
-  def _kill_once_exists(self, processes, path: str) -> None:
+  def _kill_once_exists(self, children, path: str) -> None:
     deadline = time.time() + _TIMEOUT
     while not os.path.exists(path):
-      for process in processes:
+      for process in children:
         if process.poll() is not None:
           with open(self.log) as f:
             self.fail(f"finished before it could be killed:\n{f.read()[-3000:]}")
       self.assertLess(time.time(), deadline)
       time.sleep(0.05)
-    for process in processes:
+    for process in children:
       process.send_signal(signal.SIGKILL)
-    for process in processes:
+    for process in children:
       process.wait()
 
   def _assert_resumed_mid_epoch(self, figures: dict, what: str) -> None:
@@ -186,9 +186,9 @@ class DistributedTest(digits_data.DigitsTestCase, absltest.TestCase):
       plan_bytes = f.read()
     plan_mtime = os.stat(plan_path).st_mtime_ns
     # 3. The rerun resumes finetuning with the same plan and finishes.
-    processes = self._launch(workdir, workers, capture=True)
-    outputs = [p.communicate(timeout=_TIMEOUT) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
+    children = self._launch(workdir, workers, capture=True)
+    outputs = [p.communicate(timeout=_TIMEOUT) for p in children]
+    for process, (_, stderr) in zip(children, outputs):
       self.assertEqual(process.returncode, 0, stderr[-3000:])
     with open(os.path.join(workdir, "final_report.json")) as f:
       report = json.load(f)

@@ -371,13 +371,13 @@ class JaxBackendTest(digits_data.DigitsTestCase, absltest.TestCase):
     workdirs = [os.path.join(self.root, f"process{index}") for index in range(2)]
     outputs = [os.path.join(self.root, f"process{index}.npz")
                for index in range(2)]
-    processes = [self._run_checks(
+    children = [self._run_checks(
         "worker", workdirs[index], outputs[index],
         KERAS_DISTRIBUTION_JOB_ADDRESSES=addresses,
         KERAS_DISTRIBUTION_NUM_PROCESSES="2",
         KERAS_DISTRIBUTION_PROCESS_ID=str(index)) for index in range(2)]
-    logs = [process.communicate(timeout=_TIMEOUT)[0] for process in processes]
-    for process, log in zip(processes, logs):
+    logs = [process.communicate(timeout=_TIMEOUT)[0] for process in children]
+    for process, log in zip(children, logs):
       self.assertEqual(process.returncode, 0, log[-4000:])
       self.assertIn("PROCESSES 2 REPLICAS 4 STEPS 3", log)
     first, second = np.load(outputs[0]), np.load(outputs[1])
