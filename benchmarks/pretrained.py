@@ -90,6 +90,10 @@ _RECONSTRUCT = flags.DEFINE_string(
     "reconstruct", "all", "Rows (method/granularity, comma-separated) that "
     "also get batchnorm+reconstruct, or 'all'; reconstruction costs 3-5 "
     "minutes per row on 2 cores.")
+_ROUNDING = flags.DEFINE_enum(
+    "rounding", "error_feedback", ["nearest", "error_feedback", "learned"],
+    "calibrate(rounding=...) for the batchnorm+reconstruct rows; recorded in "
+    "every row.")
 _RESUME = flags.DEFINE_bool("resume", False, "Keep the rows already in the "
                             "results JSON and run only the missing ones.")
 _OUT = flags.DEFINE_string("out", os.path.join(_ROOT, "docs"),
@@ -269,13 +273,17 @@ def run_row(model, images: Images, method: str, pruning_rate: float,
     strip_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if calibration != "none":
+      # Passed only when not the default, for a frontend without it.
+      rounding = ({} if _ROUNDING.value == "error_feedback"
+                  else {"rounding": _ROUNDING.value})
       opq_tf.calibrate(stripped, images.calibration, batchnorm=True,
                        reconstruct=calibration.endswith("reconstruct"),
-                       kernels=compressed_kernels(qmodel))
+                       kernels=compressed_kernels(qmodel), **rounding)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     top1, top5 = accuracy(stripped, images)
-    rows.append({**base, "calibration": calibration, "top1": top1,
+    rows.append({**base, "calibration": calibration,
+                 "rounding": _ROUNDING.value, "top1": top1,
                  "top5": top5, "strip_seconds": strip_seconds,
                  "calibration_seconds": seconds,
                  "evaluation_seconds": time.perf_counter() - start})
@@ -384,7 +392,8 @@ def main(argv: Sequence[str]) -> None:
   if _RESUME.value and os.path.exists(results_path):
     rows = files.read_json(results_path)["rows"]
   done = {(r["pruning_rate"], r["bits"], r["method"], r["granularity"],
-           r["calibration"]) for r in rows}
+           r["calibration"]) for r in rows
+          if r.get("rounding", "error_feedback") == _ROUNDING.value}
   chosen = set(_RECONSTRUCT.value.split(","))
   for p, b, method, granularity in jobs:
     calibrations = [c for c in CALIBRATIONS

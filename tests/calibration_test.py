@@ -279,6 +279,23 @@ class ReconstructTest(parameterized.TestCase):
                              delta=1e-3 * plain_error)
       self.assertAlmostEqual(row.error_after, error, delta=1e-3 * error)
 
+  @parameterized.parameters("conv_same_strided", "depthwise")
+  def test_each_rounding_lowers_the_output_error_of_the_one_before(self,
+                                                                   kind):
+    fp32_model, shape = _single_layer_model(kind)
+    images = _correlated_inputs(60, shape)
+    errors = {}
+    for rounding in ("nearest", "error_feedback", "learned"):
+      qmodel = opq_tf.apply(fp32_model, pruning_rate=0.5, bits=3)
+      before = _kernel_state(qmodel)
+      _calibrate(qmodel, images, batchnorm=False, reconstruct=True,
+                 rounding=rounding, verbose=False)
+      if rounding != "nearest":
+        self._assert_compressed(before, _kernel_state(qmodel))
+      errors[rounding] = _output_error(fp32_model, qmodel, images)
+    self.assertLess(errors["error_feedback"], errors["nearest"])
+    self.assertLess(errors["learned"], errors["error_feedback"])
+
   def test_statistics_do_not_depend_on_the_patch_memory_bound(self):
     fp32_model, shape = _single_layer_model("conv_same_strided")
     images = _correlated_inputs(30, shape)
@@ -778,6 +795,8 @@ class ErrorTest(parameterized.TestCase):
       ("max_images", {"max_images": 0}, "max_images"),
       ("batch_size", {"batch_size": 2.5}, "batch_size"),
       ("damping", {"damping": 0.0}, "damping"),
+      ("rounding", {"rounding": "adaround"},
+       "'nearest', 'error_feedback', 'learned'"),
   )
   def test_bad_options(self, options, message):
     qmodel = opq_tf.apply(_bn_model(), pruning_rate=0.5, bits=4)

@@ -4,8 +4,9 @@ A frontend gathers, for one compressed kernel, the sums of its layer's
 calibration inputs X (compressed network) and Z (FP32 network) as
 `Statistics`, lays the kernel out as rows W (groups, rows, D) and calls
 `solve`: least squares with the mask, then error-feedback rounding onto the
-grid (OBS / GPTQ / SparseGPT with a given mask), then the mean output error
-for bias correction. Both frontends call the same code, so they agree on the
+grid (OBS / GPTQ / SparseGPT with a given mask; or AdaRound's learned
+rounding from there, `rounding="learned"`), then the mean output error for
+bias correction. Both frontends call the same code, so they agree on the
 reconstructed codes up to the float sums of their statistics.
 docs/method.md part D.6 gives the measurements behind every default.
 """
@@ -35,6 +36,18 @@ DEFAULT_DAMPING = 0.05
 # Below this many samples (rows of X) per input weight (columns of W), a kernel
 # keeps plain rounding: the least-squares fit would follow the sample noise.
 DEFAULT_MIN_SAMPLES_PER_WEIGHT = 4.0
+
+# Learned rounding: measured settings (docs/method.md, "learned rounding").
+DEFAULT_LEARNED_ITERATIONS = 500
+DEFAULT_LEARNED_LEARNING_RATE = 0.1
+DEFAULT_LEARNED_REGULARIZATION = 1.0
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the rectified sigmoid
+
+# How calibrate rounds each reconstructed kernel onto its grid: plain rounding
+# (then only the bias is corrected), error feedback after the masked least
+# squares (the default), or learned rounding from there.
+ROUNDINGS = ("nearest", "error_feedback", "learned")
+DEFAULT_ROUNDING = "error_feedback"
 
 _BLOCK = 128  # columns per lazy-update block of the error feedback.
 # Conjugate gradients for the masked least squares: far below the rounding
@@ -122,6 +135,43 @@ class Statistics:
 
 
 @dataclasses.dataclass(frozen=True)
+class LearnedRounding:
+  """`rounding="learned"` with its settings (`learned_rounding`'s).
+
+  The loss is computed exactly from the layer's `Statistics`, so there is no
+  batch of samples to choose: every iteration sees all calibration images.
+  """
+
+  iterations: int = DEFAULT_LEARNED_ITERATIONS
+  learning_rate: float = DEFAULT_LEARNED_LEARNING_RATE  # Adam's, on alpha
+  regularization: float = DEFAULT_LEARNED_REGULARIZATION  # lambda
+
+  def __post_init__(self):
+    if (isinstance(self.iterations, bool)
+        or not isinstance(self.iterations, (int, np.integer))
+        or self.iterations < 1):
+      raise ValueError("LearnedRounding.iterations must be a positive "
+                       f"integer, got {self.iterations!r}.")
+    for name in ("learning_rate", "regularization"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not value > 0):
+        raise ValueError(f"LearnedRounding.{name} must be > 0, got {value!r}.")
+
+
+def check_rounding(rounding) -> "str | LearnedRounding":
+  """`rounding` as `solve` takes it ("learned" -> `LearnedRounding()`), or a
+  ValueError naming the choices."""
+  if isinstance(rounding, LearnedRounding):
+    return rounding
+  if isinstance(rounding, str) and rounding in ROUNDINGS:
+    return LearnedRounding() if rounding == "learned" else rounding
+  raise ValueError(
+      f"rounding must be one of {', '.join(map(repr, ROUNDINGS))} or an "
+      f"opq_tf.core.reconstruction.LearnedRounding, got {rounding!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Solved:
   """What `solve` chose for one kernel: the rows to assign (when
   `reconstructed`), the mean output error the bias should absorb, and the
@@ -135,24 +185,35 @@ class Solved:
 
 def solve(weights: np.ndarray, statistics: Statistics, mask: np.ndarray,
           step: np.ndarray, bits: int, damping: float,
-          min_samples_per_weight: float, *, bias: bool) -> Solved:
+          min_samples_per_weight: float, *, bias: bool,
+          rounding: "str | LearnedRounding" = DEFAULT_ROUNDING) -> Solved:
   """Reconstructs rows W (groups, rows, D) on their grid from `statistics`.
 
-  Kernels with fewer than `min_samples_per_weight` samples per input weight,
-  or whose fit does not lower the output error, keep plain rounding; with
-  `bias`, the mean output error is returned for the layer's bias either way.
+  `rounding` (`ROUNDINGS`, or a `LearnedRounding`) says how:
+  `error_feedback_rounding`, `learned_rounding`, or "nearest", which keeps
+  plain rounding. Kernels with fewer than `min_samples_per_weight` samples
+  per input weight, or whose fit does not lower the output error, keep plain
+  rounding too; with `bias`, the mean output error is returned for the
+  layer's bias either way.
   """
+  rounding = check_rounding(rounding)
   samples_per_weight = statistics.samples / weights.shape[-1]
   rows = plain_rows = grid.compress(weights, step, bits, mask)
   error_before = statistics.relative_error(weights, plain_rows)
-  if samples_per_weight < min_samples_per_weight:
+  if rounding == "nearest":
+    reason = 'rounding="nearest"'
+  elif samples_per_weight < min_samples_per_weight:
     reason = (f"{samples_per_weight:.2f} samples per input weight < "
               f"{min_samples_per_weight:g}: more images (max_images) would "
               "reconstruct it")
   else:
-    fitted = error_feedback_rounding(weights, statistics.hessian,
-                                     statistics.cross, mask, step, bits,
-                                     damping)
+    if isinstance(rounding, LearnedRounding):
+      fitted = learned_rounding(weights, statistics, mask, step, bits,
+                                damping, **dataclasses.asdict(rounding))
+    else:
+      fitted = error_feedback_rounding(weights, statistics.hessian,
+                                       statistics.cross, mask, step, bits,
+                                       damping)
     reason = ""
     if statistics.relative_error(weights, fitted) < error_before:
       rows = fitted
@@ -188,15 +249,35 @@ def error_feedback_rounding(weights: np.ndarray, hessian: np.ndarray,
   of (H + damping)^-1 (GPTQ / SparseGPT), in lazy blocks. Returns the grid
   values, float32, same layout.
   """
-  groups, rows, width = weights.shape
+  problem = _damped_problem(weights, hessian, cross, damping)
+  return _error_feedback(weights, *problem, mask, step, bits)[0]
+
+
+def _damped_problem(weights: np.ndarray, hessian: np.ndarray,
+                    cross: np.ndarray, damping: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(H + damping, W cross + damping * W, diag(H)), float64: the quadratic
+  V (H + damping) V^T - 2 V rhs^T that error feedback and learned rounding
+  minimise per row V. An input that was always zero (H_jj = 0) gets H_jj = 1:
+  any weight does there, and the damping keeps it at W."""
   hessian = np.array(hessian, np.float64)
-  columns = np.arange(width)
+  columns = np.arange(weights.shape[-1])
   diag = hessian[:, columns, columns]
-  dead = diag <= 0  # inputs that were always zero: any weight does.
+  dead = diag <= 0
   damped = np.where(dead, 1.0, diag) + damping * np.mean(
       np.where(dead, 0.0, diag), axis=1, keepdims=True) + 1e-12
   hessian[:, columns, columns] = damped
   rhs = weights @ cross + weights * (damped - np.where(dead, 0.0, diag))[:, None]
+  return hessian, rhs, diag
+
+
+def _error_feedback(weights: np.ndarray, hessian: np.ndarray, rhs: np.ndarray,
+                    diag: np.ndarray, mask: np.ndarray, step: np.ndarray,
+                    bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """`error_feedback_rounding` on the damped problem (columns in order of
+  decreasing diag(H)): (grid values, float32; the values each weight was
+  rounded from, after the feedback before it)."""
+  groups, rows, width = weights.shape
   weights = masked_least_squares(weights, rhs, hessian, mask)
   order = np.argsort(-diag, axis=1, kind="stable")
   take = lambda a: np.take_along_axis(a, order[:, None, :], axis=2)
@@ -216,9 +297,115 @@ def error_feedback_rounding(weights: np.ndarray, hessian: np.ndarray,
       work[:, :, j + 1:end] -= error[:, :, None] * upper[:, None, j, j + 1:end]
       errors[:, :, j - start] = error
     work[:, :, end:] -= errors @ upper[:, start:end, end:]
-  unordered = np.empty_like(result)
+  unordered, unrounded = np.empty_like(result), np.empty_like(work)
   np.put_along_axis(unordered, order[:, None, :], result, axis=2)
-  return unordered
+  np.put_along_axis(unrounded, order[:, None, :], work, axis=2)
+  return unordered, unrounded
+
+
+def learned_rounding(weights: np.ndarray, statistics: Statistics,
+                     mask: np.ndarray, step: np.ndarray, bits: int,
+                     damping: float, *,
+                     iterations: int = DEFAULT_LEARNED_ITERATIONS,
+                     learning_rate: float = DEFAULT_LEARNED_LEARNING_RATE,
+                     regularization: float = DEFAULT_LEARNED_REGULARIZATION
+                     ) -> np.ndarray:
+  """AdaRound (Nagel et al. 2020) of rows W (groups, rows, D), from error
+  feedback.
+
+  Each kept weight is W_hat = step * (floor(V0) + h(alpha)), with V0 / step
+  the value error feedback rounded it from (`_error_feedback`), so that
+  rounding h reproduces error feedback's grid value, and h the rectified
+  sigmoid clip(sigmoid(alpha) * 1.2 - 0.1, 0, 1). Adam on alpha minimises,
+  per row, the damped output error of `error_feedback_rounding` (exactly
+  quadratic in W_hat: V (H + damping) V^T - 2 V rhs^T, one matmul per
+  iteration on the statistics alone), divided by mean_j step_j^2 H_jj so
+  that a code moved by one costs about 1 in every row, plus
+  `regularization` * sum(1 - |2h - 1|^beta), which, after a warm-up of a
+  fifth of the iterations, drives every h to 0 or 1 as beta is annealed
+  from 20 to 2. Each h then rounds to 0 or 1: every kept weight ends on its
+  grid (codes within +-K: floor(V0) is clipped to [-K, K-1]), pruned ones at
+  zero. The result is kept only if its output error on the statistics is
+  below error feedback's, which is returned otherwise. Float32 grid values,
+  same layout.
+  """
+  problem = _damped_problem(weights, statistics.hessian, statistics.cross,
+                            damping)
+  hessian, rhs, _ = problem
+  start, unrounded = _error_feedback(weights, *problem, mask, step, bits)
+  k = grid.max_code(bits)
+  kept = np.asarray(mask, bool)
+  step = np.broadcast_to(np.asarray(step, np.float64), weights.shape)
+  scaled = np.divide(unrounded, step, out=np.zeros_like(unrounded),
+                     where=kept)
+  base = np.where(kept, np.clip(np.floor(scaled), -k, k - 1), 0.0)
+  # h0: error feedback's choice (0 or 1), just inside (0, 1), where h's
+  # gradient lives. (Starting from the fraction it rounded measured the same.)
+  start_codes = grid.codes(start, step.astype(np.float32), bits, kept)
+  fraction = np.clip(start_codes - base, 1e-3, 1 - 1e-3)
+  alpha = -np.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1.0)
+  # A code moved by one changes row r's loss by about 2 step^2 H_jj: the
+  # mean of step^2 H_jj over its kept weights is the unit of its loss.
+  row_scale = np.sum(kept * step**2 * np.diagonal(hessian, axis1=1, axis2=2
+                                                   )[:, None, :],
+                     axis=-1, keepdims=True) / np.maximum(
+                         np.sum(kept, axis=-1, keepdims=True), 1)
+  row_scale = np.where(row_scale > 0, row_scale, 1.0)
+  h = _rectified_sigmoid(_adam_on_rounding(
+      alpha, kept * step, base, hessian, rhs, kept * step / row_scale, kept,
+      iterations, learning_rate, regularization))[1]
+  codes = np.where(kept, base + (h >= 0.5), 0).astype(np.int32)
+  learned = grid.dequantize(codes, step.astype(np.float32))
+  if (statistics.relative_error(weights, learned)
+      < statistics.relative_error(weights, start)):
+    return learned
+  return start
+
+
+def _rectified_sigmoid(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(sigmoid(alpha), h = clip(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1))."""
+  sigmoid = 1.0 / (1.0 + np.exp(-alpha))
+  return sigmoid, np.clip(sigmoid * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+
+def _adam_on_rounding(alpha: np.ndarray, kept_step: np.ndarray,
+                      base: np.ndarray, hessian: np.ndarray, rhs: np.ndarray,
+                      gradient_scale: np.ndarray, kept: np.ndarray,
+                      iterations: int, learning_rate: float,
+                      regularization: float) -> np.ndarray:
+  """`learned_rounding`'s optimisation: alpha after Adam (b1 0.9, b2 0.999)
+  on the loss sum_r L_r(W_hat_r) / row_scale_r + lambda sum(1 - |2h - 1|^beta),
+  with W_hat = kept * step * (base + h(alpha)), L_r the row's quadratic.
+
+  Float32 (the loss's gradient 2 (W_hat H - rhs) needs no more: Adam
+  normalises it), which halves the time of the one matmul and the
+  elementwise steps of every iteration.
+  """
+  f32 = lambda a: np.asarray(a, np.float32)
+  alpha, kept_step, hessian, rhs = map(f32, (alpha, kept_step, hessian, rhs))
+  offset = kept_step * f32(base)
+  gradient_scale = 2.0 * f32(gradient_scale)
+  stretch = np.float32(_ZETA - _GAMMA)
+  moment, second = np.zeros_like(alpha), np.zeros_like(alpha)
+  warmup = int(0.2 * iterations)  # AdaRound's: no regulariser at first
+  for iteration in range(iterations):
+    sigmoid, h = _rectified_sigmoid(alpha)
+    gradient = ((offset + kept_step * h) @ hessian - rhs) * gradient_scale
+    if iteration >= warmup:  # beta annealed linearly from 20 to 2
+      beta = 20.0 - 18.0 * (iteration - warmup) / max(1, iterations - warmup)
+      centred = 2.0 * h - 1.0
+      gradient -= np.float32(2.0 * regularization * beta) * np.copysign(
+          np.abs(centred)**np.float32(beta - 1.0), centred)
+    # dh/dalpha; zero where h is clipped at 0 or 1 and for pruned weights.
+    raw = sigmoid * stretch + np.float32(_GAMMA)
+    gradient *= stretch * sigmoid * (1.0 - sigmoid) * (
+        kept & (raw > 0.0) & (raw < 1.0))
+    moment = 0.9 * moment + 0.1 * gradient
+    second = 0.999 * second + 0.001 * gradient**2
+    rate = learning_rate * np.sqrt(1 - 0.999**(iteration + 1)) / (
+        1 - 0.9**(iteration + 1))
+    alpha -= np.float32(rate) * moment / (np.sqrt(second) + np.float32(1e-8))
+  return alpha
 
 
 def masked_least_squares(weights: np.ndarray, rhs: np.ndarray,

@@ -69,7 +69,8 @@ from opq_tf.core import reconstruction
 from opq_tf.core.contract import CompressedKernel
 from opq_tf.core.reconstruction import (  # noqa: F401  (re-exported)
     DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_MAX_IMAGES,
-    DEFAULT_MIN_SAMPLES_PER_WEIGHT, CalibrationReport, KernelCalibration)
+    DEFAULT_MIN_SAMPLES_PER_WEIGHT, DEFAULT_ROUNDING, CalibrationReport,
+    KernelCalibration, LearnedRounding)
 from opq_tf.keras3 import layers as layers_lib
 from opq_tf.keras3 import quantize_configs
 from opq_tf.keras3._keras import keras, ops
@@ -113,6 +114,7 @@ def calibrate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     damping: float = DEFAULT_DAMPING,
     min_samples_per_weight: float = DEFAULT_MIN_SAMPLES_PER_WEIGHT,
+    rounding: "str | LearnedRounding" = DEFAULT_ROUNDING,
     kernels: Optional[Sequence[CompressedKernel]] = None,
     verbose: bool = True,
 ) -> CalibrationReport:
@@ -139,6 +141,8 @@ def calibrate(
     batch_size: samples per forward pass (and per BatchNorm statistic).
     damping: added to H's diagonal, as a fraction of its mean.
     min_samples_per_weight: kernels below it keep plain rounding.
+    rounding: "error_feedback", "learned" (or a `LearnedRounding`) or
+      "nearest", as for the tf_keras frontend's `calibrate`.
     kernels: for a stripped model only: the `CompressedKernel`s of the
       wrapped model it was stripped from
       (`opq_tf.keras3.wrapping.compressed_kernels(qmodel)`).
@@ -155,6 +159,7 @@ def calibrate(
   """
   _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
                  min_samples_per_weight)
+  rounding = reconstruction.check_rounding(rounding)
   kernels = _compressed_kernels(model, kernels)
   samples = _calibration_samples(model, data, max_images)
   count = len(keras.tree.flatten(samples)[0])
@@ -184,7 +189,7 @@ def calibrate(
             else contextlib.nullcontext()):
         rows = _reconstruct_layer_by_layer(
             model, _Reference(model, kernels), kernels, batches, damping,
-            min_samples_per_weight, verbose, records)
+            min_samples_per_weight, rounding, verbose, records)
       if batchnorm and bn_layers:
         _reestimate_batchnorm(model, bn_layers, batches)
     _check_finite(kernels, bn_layers)
@@ -612,7 +617,7 @@ def _contains(operation, layer) -> bool:
 
 def _reconstruct_layer_by_layer(
     model, reference: _Reference, kernels: list[_Kernel], batches,
-    damping: float, min_samples_per_weight: float, verbose: bool,
+    damping: float, min_samples_per_weight: float, rounding, verbose: bool,
     records: list) -> dict[str, KernelCalibration]:
   """Reconstructs every kernel in network order, in place; returns the rows
   in the kernels' order.
@@ -668,7 +673,8 @@ def _reconstruct_layer_by_layer(
         inputs, targets = (_captures(step, kernel.owner, per_batch, scope)
                            for (_, scope), per_batch in zip(networks, values))
         rows[kernel.key] = _reconstruct_kernel(
-            kernel, kernels, inputs, targets, damping, min_samples_per_weight)
+            kernel, kernels, inputs, targets, damping, min_samples_per_weight,
+            rounding)
         records.clear()
         progress.done(kernel.key, rows[kernel.key].method)
       if not kernels_at:
@@ -694,7 +700,9 @@ def _captures(step: _Step, owner, per_batch: list[dict],
 
 def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
                         inputs: Iterable, targets: Iterable, damping: float,
-                        min_samples_per_weight: float) -> KernelCalibration:
+                        min_samples_per_weight: float,
+                        rounding: "str | LearnedRounding" = DEFAULT_ROUNDING
+                        ) -> KernelCalibration:
   """Reconstructs one kernel in place from its layer's inputs, batch by
   batch, in the compressed (X) and the FP32 network (Z); returns its summary
   row."""
@@ -726,7 +734,7 @@ def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
       to_rows(kernel.target.astype(np.float64)), statistics,
       to_rows(kernel.mask),
       to_rows(np.broadcast_to(kernel.step, kernel.target.shape)), kernel.bits,
-      damping, min_samples_per_weight, bias=bias_fits)
+      damping, min_samples_per_weight, bias=bias_fits, rounding=rounding)
   if solved.reconstructed:
     _assign_on_grid(kernel, from_rows(solved.rows).astype(np.float32))
   if bias_fits:

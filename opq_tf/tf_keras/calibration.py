@@ -27,7 +27,9 @@ Two repairs, both with masks and steps fixed (docs/method.md part D):
   first move to the least-squares optimum with the pruned ones at zero; then
   columns are fixed one at a time (largest diag(H) first), each column's
   rounding error fed back onto the columns not fixed yet through the inverse
-  Hessian H = X X^T + damping (OBS; GPTQ / SparseGPT with a given mask). A
+  Hessian H = X X^T + damping (OBS; GPTQ / SparseGPT with a given mask);
+  `rounding="learned"` then lets each kept weight choose up or down on the
+  same loss (AdaRound, `core.reconstruction.learned_rounding`). A
   layer with a bias then absorbs its output's mean error into the bias (bias
   correction; this needs only the mean input, so it is done for kernels with
   too few samples to reconstruct as well, such as a classifier). Convolutions
@@ -80,7 +82,8 @@ from opq_tf.core.contract import CompressedKernel
 from opq_tf.core import reconstruction
 from opq_tf.core.reconstruction import (  # noqa: F401  (re-exported)
     DEFAULT_BATCH_SIZE, DEFAULT_DAMPING, DEFAULT_MAX_IMAGES,
-    DEFAULT_MIN_SAMPLES_PER_WEIGHT, CalibrationReport, KernelCalibration)
+    DEFAULT_MIN_SAMPLES_PER_WEIGHT, DEFAULT_ROUNDING, CalibrationReport,
+    KernelCalibration, LearnedRounding)
 from opq_tf.tf_keras import flatten
 from opq_tf.tf_keras import layers as layers_lib
 from opq_tf.tf_keras import wrapping
@@ -142,6 +145,7 @@ def calibrate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     damping: float = DEFAULT_DAMPING,
     min_samples_per_weight: float = DEFAULT_MIN_SAMPLES_PER_WEIGHT,
+    rounding: "str | LearnedRounding" = DEFAULT_ROUNDING,
     kernels: Optional[Sequence[CompressedKernel]] = None,
     verbose: bool = True,
 ) -> CalibrationReport:
@@ -169,6 +173,10 @@ def calibrate(
       batched dataset is re-batched to it.
     damping: added to H's diagonal, as a fraction of its mean.
     min_samples_per_weight: kernels below it keep plain rounding.
+    rounding: how reconstructed kernels are rounded onto their grid:
+      "error_feedback" (after the masked least squares), "learned" (AdaRound
+      from there, `LearnedRounding()`; or a `LearnedRounding` with other
+      settings) or "nearest" (plain rounding, the bias still corrected).
     kernels: for a stripped model only: the `CompressedKernel`s of the
       wrapped model it was stripped from
       (`opq_tf.tf_keras.wrapping.compressed_kernels(qmodel)`), whose masks,
@@ -185,6 +193,7 @@ def calibrate(
   """
   _check_options(batchnorm, reconstruct, max_images, batch_size, damping,
                  min_samples_per_weight)
+  rounding = reconstruction.check_rounding(rounding)
   kernels = _compressed_kernels(model, kernels)
   images = _calibration_images(model, data, max_images, batch_size)
   bn_layers = [layer for layer in layers_lib.iter_layers(model)
@@ -224,7 +233,7 @@ def calibrate(
             if batchnorm else contextlib.nullcontext()):
         rows = _reconstruct_layer_by_layer(
             model, reference, kernels, batches, damping,
-            min_samples_per_weight, verbose, records)
+            min_samples_per_weight, rounding, verbose, records)
       if batchnorm and bn_layers:
         _reestimate_batchnorm(model, bn_layers, batches)
     _check_finite(kernels, bn_layers)
@@ -532,7 +541,7 @@ def _reestimate_batchnorm(model, bn_layers, batches) -> list[str]:
 
 def _reconstruct_layer_by_layer(
     model, reference, kernels: list[_Kernel], batches, damping: float,
-    min_samples_per_weight: float, verbose: bool,
+    min_samples_per_weight: float, rounding, verbose: bool,
     records: list) -> dict[str, KernelCalibration]:
   """Reconstructs every kernel in network order, in place; returns the rows
   in the kernels' order.
@@ -589,7 +598,8 @@ def _reconstruct_layer_by_layer(
         rows.update(_reconstruct_node(
             at_node, [(graph, walk_nodes[position], values) for
                       (_, graph, walk_nodes), values in zip(walks, inputs)],
-            kernels, damping, min_samples_per_weight, progress, records))
+            kernels, damping, min_samples_per_weight, rounding, progress,
+            records))
       if not kernels_at:
         break
       for (label, _, walk_nodes), values in zip(walks, inputs):
@@ -650,7 +660,7 @@ def _run_node(node, values: dict) -> list[tf.Tensor]:
 
 def _reconstruct_node(node_kernels: Sequence[_Kernel], walks: list,
                       kernels: list[_Kernel], damping: float,
-                      min_samples_per_weight: float, progress,
+                      min_samples_per_weight: float, rounding, progress,
                       records: list) -> dict[str, KernelCalibration]:
   """Reconstructs the kernels one graph node calls, before the node runs.
 
@@ -674,7 +684,7 @@ def _reconstruct_node(node_kernels: Sequence[_Kernel], walks: list,
     batches = list(zip(inputs[0], inputs[-1]))
     for kernel in direct:
       rows[kernel.key] = _reconstruct_kernel(
-          kernel, kernels, batches, damping, min_samples_per_weight)
+          kernel, kernels, batches, damping, min_samples_per_weight, rounding)
       progress.done(kernel.key, rows[kernel.key].method)
   nested = [kernel for kernel in node_kernels if kernel.sublayer]
   if not nested:
@@ -699,7 +709,7 @@ def _reconstruct_node(node_kernels: Sequence[_Kernel], walks: list,
           for _, node, _ in walks[1:]]
       rows[kernel.key] = _reconstruct_kernel(
           kernel, kernels, _sublayer_inputs(walks, owners, records), damping,
-          min_samples_per_weight)
+          min_samples_per_weight, rounding)
     progress.done(kernel.key, rows[kernel.key].method)
   return rows
 
@@ -767,8 +777,9 @@ def _capture(node, owner, values: dict) -> tf.Tensor:
 
 
 def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
-                        batches, damping: float,
-                        min_samples_per_weight: float) -> KernelCalibration:
+                        batches, damping: float, min_samples_per_weight: float,
+                        rounding: "str | LearnedRounding" = DEFAULT_ROUNDING
+                        ) -> KernelCalibration:
   """Reconstructs one kernel in place from its layer's inputs, per batch
   (X, Z) in the compressed and the FP32 network (an iterable, consumed once);
   returns its summary row."""
@@ -804,7 +815,8 @@ def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
   solved = reconstruction.solve(
       weights, statistics, to_rows(kernel.mask),
       to_rows(np.broadcast_to(kernel.step, kernel.target.shape)), kernel.bits,
-      damping, min_samples_per_weight, bias=_bias_of(kernel) is not None)
+      damping, min_samples_per_weight, bias=_bias_of(kernel) is not None,
+      rounding=rounding)
   if solved.reconstructed:
     _assign_on_grid(kernel, from_rows(solved.rows).astype(np.float32))
   bias = _bias_of(kernel)
