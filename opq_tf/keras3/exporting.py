@@ -43,7 +43,7 @@ from opq_tf.keras3.wrapping import compressed_kernels, strip
 
 KERAS_FILE = "model.keras"
 PACKED_FILE = "model.opq"
-REPORT_FILE = "report.json"
+REPORT_FILE = report_lib.FILE
 SAVED_MODEL_DIR = "saved_model"
 LITERT_FILE = "model.tflite"
 FORMATS = ("keras", "saved_model", "packed", "litert")

@@ -33,7 +33,7 @@ from opq_tf.tf_keras.wrapping import compressed_kernels, strip
 
 FORMATS = ("saved_model", "packed", "litert")
 DEFAULT_FORMATS = ("saved_model", "packed")
-REPORT_FILE = "report.json"
+REPORT_FILE = report_lib.FILE
 SAVED_MODEL_DIR = saved_model_lib.DIRECTORY
 PACKED_FILE = packed_lib.FILE
 
