@@ -51,6 +51,10 @@ _IMAGENET_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                              "data", "imagenet_mobilenet")
 # (XNNPACK, threads) per latency column.
 _LATENCY_SETTINGS = ((True, 1), (True, 2), (False, 1), (False, 2))
+# A latency's runs stop here once 5 are done: ResNet-50's unpacking int4
+# builtin kernels take seconds a run, and 50 of them per column would make
+# the full mode hours long on 2 cores.
+_LATENCY_SECONDS = 20
 # label -> litert.convert options; "opq int8" is its default (CSR where smaller).
 _OPQ_VARIANTS = {
     "opq int8": {},
@@ -61,6 +65,10 @@ _OPQ_VARIANTS = {
     "opq auto": {"weights": "auto"},
     "opq auto hybrid": {"compute": "hybrid", "weights": "auto"},
 }
+# Noise images per agreement for the models without real images: their
+# agreement measures rounding only, and 500 ResNet-50 runs per artefact would
+# take most of the full mode.
+_NOISE_IMAGES = 100
 # model -> the only artefacts --quick measures for it (FP32 is the size
 # reference of every row).
 _QUICK_ONLY = {"resnet50": ("fp32", "opq int8", "opq int8 dense", "opq int4")}
@@ -177,7 +185,8 @@ def _latency_ms(path: str, runs: int, xnnpack: bool, threads: int) -> float:
   runner.set_tensor(detail["index"], image)
   runner.invoke()  # Warm-up (DENSIFY/dequantize-once, delegate set-up).
   times = []
-  for _ in range(runs):
+  deadline = time.perf_counter() + _LATENCY_SECONDS
+  while len(times) < runs and (len(times) < 5 or time.perf_counter() < deadline):
     start = time.perf_counter()
     runner.invoke()
     times.append(time.perf_counter() - start)
@@ -220,6 +229,7 @@ def _measure(name: str, directory: str, runs: int, image_count: int):
   else:
     keras.utils.set_random_seed(0)
     model = build()
+    image_count = min(image_count, _NOISE_IMAGES)
     images = np.random.default_rng(0).uniform(
         -1, 1, (image_count, *model.input_shape[1:]))
   images = images[:image_count].astype(np.float32)
@@ -325,8 +335,10 @@ def _document(rows, notes, runs: int, image_count: int, minutes: float) -> str:
       f"TensorFlow {tf.__version__}, ai-edge-litert {litert_version}, "
       f"{os.cpu_count()} CPU cores (shared with other jobs: latencies are "
       f"noisy; compare within one model), {minutes:.0f} min. {runs} batch-1 "
-      f"runs per latency (median), {image_count} images per agreement (the "
-      "real model: its images).\n\n"
+      f"runs per latency (median; fewer, at least 5, where they pass "
+      f"{_LATENCY_SECONDS} s), {image_count} real images per agreement for "
+      f"the real model, {min(image_count, _NOISE_IMAGES)} noise images for "
+      "the others.\n\n"
       "Artefacts: `fp32` TFLiteConverter of the FP32 model; `dynamic-range "
       "int8` the same with Optimize.DEFAULT; `tfmot prune+PQAT` tfmot's "
       "prune_low_magnitude (constant sparsity p, one step) + "
