@@ -296,6 +296,34 @@ class ReconstructTest(parameterized.TestCase):
     self.assertLess(errors["error_feedback"], errors["nearest"])
     self.assertLess(errors["learned"], errors["error_feedback"])
 
+  def test_a_gradient_step_can_move_a_reconstructed_code(self):
+    # Latent weights kept within half a step of their codes at the values
+    # the rounding started from: a step moving each by under half a step
+    # moves some codes, and none when the latent weights sit on the grid.
+    fp32_model, shape = _single_layer_model("conv_same_strided")
+    qmodel = opq_tf.apply(fp32_model, pruning_rate=0.5, bits=3)
+    images = _correlated_inputs(60, shape)
+    _calibrate(qmodel, images, batchnorm=False, reconstruct=True,
+               verbose=False)
+    (kernel,) = calibration._compressed_kernels(qmodel, None)  # pylint: disable=protected-access
+    codes = kernel.compressed()
+    kept = kernel.mask
+    self.assertGreater(np.mean(kernel.variable.numpy()[kept] != codes[kept]),
+                       0.5)
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(tf.square(qmodel(images) - fp32_model(images)))
+    gradient = tape.gradient(loss, kernel.variable).numpy()
+    self.assertGreater(np.count_nonzero(gradient[kept]), 0)
+    rate = 0.45 * np.min(kernel.step) / np.max(np.abs(gradient))
+    moved = {}
+    for start in ("latent", "on_grid"):
+      value = kernel.variable.numpy() if start == "latent" else codes
+      kernel.variable.assign(value - rate * gradient)
+      moved[start] = np.count_nonzero(kernel.compressed() != codes)
+      kernel.variable.assign(value)
+    self.assertGreater(moved["latent"], 0)
+    self.assertEqual(moved["on_grid"], 0)
+
   def test_statistics_do_not_depend_on_the_patch_memory_bound(self):
     fp32_model, shape = _single_layer_model("conv_same_strided")
     images = _correlated_inputs(30, shape)
@@ -807,7 +835,7 @@ class ErrorTest(parameterized.TestCase):
     qmodel = opq_tf.apply(_trained(_bn_model, steps=1), pruning_rate=0.6,
                           bits=3)
     before = _weights(qmodel)
-    real = reconstruction.error_feedback_rounding  # pylint: disable=protected-access
+    real = reconstruction.solve
     calls = []
 
     def fail_on_third(*args, **kwargs):
@@ -816,8 +844,7 @@ class ErrorTest(parameterized.TestCase):
         raise MemoryError("out of memory")
       return real(*args, **kwargs)
 
-    with mock.patch.object(reconstruction, "error_feedback_rounding",
-                           fail_on_third):
+    with mock.patch.object(reconstruction, "solve", fail_on_third):
       with self.assertRaises(MemoryError):
         _calibrate(qmodel, _images(100), reconstruct=True)
     self.assertLen(calls, 3)  # BN and two kernels had changed by then

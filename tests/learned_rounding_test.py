@@ -114,6 +114,54 @@ class SolveRoundingTest(parameterized.TestCase):
     self.assertIn("nearest", solved.summary.reason)
     self.assertEqual(solved.bias_shift.shape, weights.shape[:2])
 
+  @parameterized.parameters("error_feedback", "learned")
+  def test_latent_rounds_to_the_rows_from_off_the_grid(self, rounding):
+    weights, statistics, mask, step = _problem(4, 0.5)
+    solved = reconstruction.solve(weights, statistics, mask, step, 4,
+                                  _DAMPING, 4.0, bias=False, rounding=rounding)
+    self.assertTrue(solved.reconstructed)
+    np.testing.assert_array_equal(
+        grid.compress(solved.latent, step, 4, mask), solved.rows)
+    offset = np.abs(solved.latent - solved.rows) / step
+    self.assertLessEqual(offset.max(), 0.49 + 1e-9)
+    # Off the grid (room for finetuning to move a code) for most kept ones.
+    self.assertGreater(np.mean(offset[mask] > 0.01), 0.5)
+    np.testing.assert_array_equal(solved.latent[~mask], 0.0)
+
+  def test_plain_rounding_keeps_the_weights_as_latent(self):
+    weights, statistics, mask, step = _problem(4, 0.5)
+    solved = reconstruction.solve(weights, statistics, mask, step, 4,
+                                  _DAMPING, 4.0, bias=False, rounding="nearest")
+    np.testing.assert_array_equal(solved.latent, weights)
+
+  @parameterized.parameters(True, False)
+  def test_latent_value_rounds_to_the_rows(self, wrapped):
+    weights, statistics, mask, step = _problem(4, 0.5)
+    solved = reconstruction.solve(weights, statistics, mask, step, 4,
+                                  _DAMPING, 4.0, bias=False)
+    current = np.full(weights.shape, 7.0)
+    value = reconstruction.latent_value(
+        solved.rows, solved.latent, current, mask, step, 4, wrapped=wrapped,
+        key="dense/kernel")
+    self.assertEqual(value.dtype, np.float32)
+    np.testing.assert_array_equal(grid.compress(value, step, 4, mask),
+                                  solved.rows)
+    if wrapped:  # latent kept weights; pruned ones keep their values.
+      np.testing.assert_array_equal(value[mask],
+                                    solved.latent[mask].astype(np.float32))
+      np.testing.assert_array_equal(value[~mask], 7.0)
+    else:  # used as it is: the grid values.
+      np.testing.assert_array_equal(value, solved.rows.astype(np.float32))
+
+  def test_latent_value_refuses_a_value_off_its_codes(self):
+    weights, statistics, mask, step = _problem(4, 0.5)
+    solved = reconstruction.solve(weights, statistics, mask, step, 4,
+                                  _DAMPING, 4.0, bias=False)
+    with self.assertRaisesRegex(AssertionError, "dense/kernel: .* off its grid"):
+      reconstruction.latent_value(
+          solved.rows, solved.latent + 0.6 * step, weights, mask, step, 4,
+          wrapped=True, key="dense/kernel")
+
   @parameterized.parameters("adaround", "Learned", None, 1)
   def test_bad_rounding_names_the_choices(self, rounding):
     weights, statistics, mask, step = _problem(4, 0.5)

@@ -121,8 +121,9 @@ def calibrate(
   """Re-estimates BatchNorm statistics and/or reconstructs kernels, in place.
 
   Masks and steps never change; pruned weights stay exactly zero and kept ones
-  on their grid. Everything is validated before any variable is touched, and a
-  failure half way restores every variable.
+  on their grid (latent weights round to the reconstructed codes). Everything
+  is validated before any variable is touched, and a failure half way
+  restores every variable.
 
   Args:
     model: a model returned by `opq_tf.apply` (wrapped; its wrappers hold
@@ -736,7 +737,10 @@ def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
       to_rows(np.broadcast_to(kernel.step, kernel.target.shape)), kernel.bits,
       damping, min_samples_per_weight, bias=bias_fits, rounding=rounding)
   if solved.reconstructed:
-    _assign_on_grid(kernel, from_rows(solved.rows).astype(np.float32))
+    kernel.variable.assign(reconstruction.latent_value(
+        from_rows(solved.rows), from_rows(solved.latent),
+        kernel.variable.numpy(), kernel.mask, kernel.step, kernel.bits,
+        wrapped=kernel.wrapped, key=kernel.key))
   if bias_fits:
     shift = solved.bias_shift.reshape(tuple(bias.shape))
     bias.assign(bias.numpy() + shift.astype(bias.dtype))
@@ -753,19 +757,6 @@ def _statistics(x, z) -> tuple:
   total = lambda a: ops.sum(a, axis=1)
   return (int(x.shape[1]), gram(x, x), total(x), gram(z, x), gram(z, z),
           total(z))
-
-
-def _assign_on_grid(kernel: _Kernel, compressed: np.ndarray) -> None:
-  if kernel.wrapped:
-    # The quantizer maps the grid value step * c back to code c exactly;
-    # pruned latent weights keep their values (the mask hides them).
-    value = np.where(kernel.mask, compressed, kernel.variable.numpy())
-  else:
-    value = compressed
-  check = grid.compress(value, kernel.step, kernel.bits, kernel.mask)
-  if not np.array_equal(check, compressed):
-    raise AssertionError(f"{kernel.key}: reconstructed kernel is off its grid.")
-  kernel.variable.assign(value)
 
 
 def _bias_of(kernel: _Kernel):

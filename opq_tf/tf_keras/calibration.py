@@ -37,10 +37,11 @@ Two repairs, both with masks and steps fixed (docs/method.md part D):
   EinsumDense its input flattened over the dimensions it contracts. A
   SeparableConv2D is one layer: its pointwise kernel's X and Z are the
   compressed and FP32 depthwise outputs, so it also absorbs the depthwise
-  kernel's remaining error. Wrapped models get latent kernels equal to the
-  reconstructed grid values (the quantizer rounds them back to the same
-  codes), so reconstruct once, on the model `apply` returned: a second call
-  would take those as its target.
+  kernel's remaining error. Wrapped models get latent kernels at the values
+  the rounding started from, each within half a step of its reconstructed
+  grid value (the quantizer rounds them to the same codes; finetuning can
+  move a code; `core.reconstruction.latent_value`), so reconstruct once, on
+  the model `apply` returned: a second call would take those as its target.
 
 Kernel inputs come from a walk over the graph, linear in depth: both
 networks run one graph node at a time over all batches (nested Functional
@@ -152,9 +153,9 @@ def calibrate(
   """Re-estimates BatchNorm statistics and/or reconstructs kernels, in place.
 
   Masks and steps never change; pruned weights stay exactly zero and kept ones
-  on their grid. Everything is validated before any variable is touched, and a
-  failure half way restores every variable, so a failed call leaves the model
-  as it was.
+  on their grid (latent weights round to the reconstructed codes). Everything
+  is validated before any variable is touched, and a failure half way restores
+  every variable, so a failed call leaves the model as it was.
 
   Args:
     model: a model returned by `opq_tf.apply` (wrapped; its layers hold every
@@ -818,25 +819,15 @@ def _reconstruct_kernel(kernel: _Kernel, kernels: list[_Kernel],
       damping, min_samples_per_weight, bias=_bias_of(kernel) is not None,
       rounding=rounding)
   if solved.reconstructed:
-    _assign_on_grid(kernel, from_rows(solved.rows).astype(np.float32))
+    kernel.variable.assign(reconstruction.latent_value(
+        from_rows(solved.rows), from_rows(solved.latent),
+        kernel.variable.numpy(), kernel.mask, kernel.step, kernel.bits,
+        wrapped=kernel.wrapped, key=kernel.key))
   bias = _bias_of(kernel)
   if bias is not None:
     shift = solved.bias_shift.reshape(bias.shape)
     bias.assign(bias.numpy() + shift.astype(bias.dtype.as_numpy_dtype))
   return solved.summary
-
-
-def _assign_on_grid(kernel: _Kernel, compressed: np.ndarray) -> None:
-  if kernel.wrapped:
-    # The quantizer maps the grid value step * c back to code c exactly;
-    # pruned latent weights keep their values (the mask hides them).
-    value = np.where(kernel.mask, compressed, kernel.variable.numpy())
-  else:
-    value = compressed
-  check = grid.compress(value, kernel.step, kernel.bits, kernel.mask)
-  if not np.array_equal(check, compressed):
-    raise AssertionError(f"{kernel.key}: reconstructed kernel is off its grid.")
-  kernel.variable.assign(value)
 
 
 def _bias_of(kernel: _Kernel) -> Optional[tf.Variable]:
